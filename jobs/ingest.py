@@ -1,0 +1,259 @@
+"""Ingest job: source -> documents -> chunks -> embeddings -> store.
+
+    python -m jobs.ingest --profile offline [--source DIR_OR_URL] [--store DIR] [--check QUESTIONS.csv]
+
+Re-runs are incremental: chunk ids are ``path#ordinal``; a chunk whose text is unchanged keeps its
+vector, a vector is reused for any text already embedded, and only new text is embedded. Nothing is
+written when nothing changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from jobs import log as joblog
+from jobs import store as st
+from jobs.chunking import Chunk, Chunker
+from jobs.config import Profile, load_profile, parse_override
+from jobs.documents import Document, read_document
+from jobs.embedding import Embedder, load_embedder
+from jobs.errors import JobError
+from jobs.source import Checkout, fetch, load_manifest, source_from_override
+
+log = logging.getLogger("jobs.ingest")
+
+# Bump when chunking logic changes in a way that moves chunk boundaries: forces a rebuild.
+CHUNKER_VERSION = 1
+
+
+@dataclass
+class IngestSummary:
+    files: int = 0
+    skipped: int = 0
+    chunks: int = 0
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    relabelled: int = 0  # metadata changed (e.g. heading, commit), vector kept
+    embedded: int = 0
+    seconds: float = 0.0
+    rebuilt: bool = False
+    wrote: bool = False
+    commit: str = ""
+    source: str = ""
+    max_chunk_tokens: int = 0
+
+    def line(self) -> str:
+        rate = self.embedded / self.seconds if self.seconds else 0.0
+        return (
+            f"files={self.files} skipped={self.skipped} added={self.added} updated={self.updated} "
+            f"removed={self.removed} unchanged={self.unchanged} embedded={self.embedded} "
+            f"in {self.seconds:.1f}s ({rate:.1f} chunks/s)"
+        )
+
+
+def read_documents(checkout: Checkout, min_chars: int) -> tuple[list[Document], list[str]]:
+    """Parse every selected file; stubs (less prose than ``min_chars``) are skipped and named."""
+    docs: list[Document] = []
+    skipped: list[str] = []
+    for rel in tqdm(checkout.files, desc="read", unit="file", leave=False):
+        doc = read_document(checkout.root, rel)
+        if doc.content_chars >= min_chars:
+            docs.append(doc)
+        else:
+            skipped.append(rel)
+    return docs, skipped
+
+
+def make_chunker(profile: Profile, embedder: Embedder) -> Chunker:
+    return Chunker(
+        profile.chunking,
+        count_tokens=embedder.count_tokens,
+        token_ids=embedder.token_ids,
+        passage_prefix=embedder.passage_prefix,
+        special_tokens=embedder.special_tokens,
+        window=embedder.window,
+    )
+
+
+def chunk_documents(docs: list[Document], chunker: Chunker) -> list[Chunk]:
+    chunks: list[Chunk] = []
+    for doc in tqdm(docs, desc="chunk", unit="file", leave=False):
+        chunks.extend(chunker.chunk(doc))
+    return chunks
+
+
+def build_info(profile: Profile, embedder: Embedder, checkout: Checkout, manifest_url: str,
+               summary: IngestSummary) -> dict:
+    return {
+        **embedder.identity(),
+        "corpus": profile.corpus.stem,
+        "corpus_url": manifest_url,
+        "corpus_commit": checkout.commit,
+        "corpus_source": checkout.source.describe(),
+        "chunk_size": profile.chunking.size,
+        "chunk_overlap": profile.chunking.overlap,
+        "code_max_lines": profile.chunking.code_max_lines,
+        "min_doc_chars": profile.chunking.min_doc_chars,
+        "chunker_version": CHUNKER_VERSION,
+        "files": summary.files,
+        "skipped": summary.skipped,
+        "chunks": summary.chunks,
+        "max_chunk_tokens": summary.max_chunk_tokens,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def ingest(profile: Profile, source: str | None = None, embedder: Embedder | None = None) -> IngestSummary:
+    started = time.perf_counter()
+    store_path = profile.store.path
+    manifest = load_manifest(profile.corpus)
+    with st.ingest_lock(store_path):
+        st.collect_garbage(store_path)
+        override = source_from_override(source) if source else None
+        checkout = fetch(manifest, profile.paths.cache, override)
+        docs, skipped = read_documents(checkout, profile.chunking.min_doc_chars)
+        if skipped:
+            log.info("skipped %d stub file(s): %s", len(skipped), ", ".join(skipped))
+        embedder = embedder or load_embedder(profile)
+        chunks = chunk_documents(docs, make_chunker(profile, embedder))
+        summary = IngestSummary(
+            files=len(checkout.files), skipped=len(skipped), chunks=len(chunks), commit=checkout.commit,
+            source=checkout.source.describe(),
+            max_chunk_tokens=max((c.n_tokens for c in chunks), default=0),
+        )
+        if not chunks:
+            raise JobError(f"corpus {manifest.name} at {checkout.commit[:12]} gave no chunks "
+                           f"({len(checkout.files)} files matched, {len(skipped)} skipped as stubs)")
+        info = build_info(profile, embedder, checkout, manifest.url, summary)
+        _apply(store_path, profile.store.collection, chunks, checkout.commit, embedder, info, summary)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _apply(store_path: Path, name: str, chunks: list[Chunk], commit: str, embedder: Embedder,
+           info: dict, summary: IngestSummary) -> None:
+    live = st.live_generation(store_path)
+    old: dict[str, st.StoredChunk] = {}
+    reusable: dict[str, list[float]] = {}  # text_sha -> vector already in the store
+    same_info = False
+    if live is not None:
+        with st.client(live) as c:
+            coll = st.get_collection(c, name, create=True)
+            old_info = st.read_build_info(coll)
+            changed = [k for k in st.REBUILD_KEYS if old_info.get(k) != info.get(k)]
+            if changed:
+                log.warning("store settings changed (%s): rebuilding from scratch", ", ".join(changed))
+                summary.rebuilt = True
+                live = None
+            else:
+                old = st.read_chunks(coll)
+                by_sha = {s.text_sha: s.id for s in old.values()}
+                need = {c.text_sha for c in chunks if c.id not in old or old[c.id].text_sha != c.text_sha}
+                ids = [by_sha[sha] for sha in need if sha in by_sha]
+                reusable = {old[i].text_sha: v for i, v in st.embeddings_for(coll, ids).items()}
+            same_info = not changed and all(old_info.get(k) == v for k, v in info.items()
+                                            if k not in ("built_at",))
+
+    new_ids = {c.id for c in chunks}
+    to_write = [c for c in chunks if c.id not in old or old[c.id].text_sha != c.text_sha]
+    relabel = [c for c in chunks if c.id in old and old[c.id].text_sha == c.text_sha
+               and old[c.id].metadata != c.metadata(commit)]
+    removed = sorted(set(old) - new_ids)
+    summary.added = sum(1 for c in to_write if c.id not in old)
+    summary.updated = len(to_write) - summary.added
+    summary.removed = len(removed)
+    summary.relabelled = len(relabel)
+    summary.unchanged = len(chunks) - len(to_write)
+
+    if live is not None and not to_write and not removed and not relabel and same_info:
+        log.info("store %s is up to date at %s: nothing to write", store_path, commit[:12])
+        return
+
+    texts = sorted({c.text_sha: c.text for c in to_write if c.text_sha not in reusable}.items())
+    vectors = dict(zip((sha for sha, _ in texts),
+                       embedder.embed_passages([t for _, t in texts])))
+    summary.embedded = len(texts)
+    vectors.update(reusable)
+
+    gen = st.new_generation(store_path, live)
+    with st.client(gen) as c:
+        coll = st.get_collection(c, name, create=True)
+        if removed:
+            coll.delete(ids=removed)
+        for i in tqdm(range(0, len(to_write), 1000), desc="store", unit="batch", leave=False):
+            batch = to_write[i:i + 1000]
+            coll.upsert(
+                ids=[ch.id for ch in batch],
+                documents=[ch.text for ch in batch],
+                metadatas=[ch.metadata(commit) for ch in batch],
+                embeddings=[vectors[ch.text_sha] for ch in batch],
+            )
+        for i in range(0, len(relabel), 1000):
+            batch = relabel[i:i + 1000]
+            coll.update(ids=[ch.id for ch in batch], metadatas=[ch.metadata(commit) for ch in batch])
+        coll.modify(metadata=st.build_metadata(info))
+        if coll.count() != len(chunks):
+            raise JobError(f"store check failed: {coll.count()} chunks stored, {len(chunks)} expected")
+    final = st.publish(store_path, gen)
+    summary.wrote = True
+    st.collect_garbage(store_path)
+    log.info("published %s (%d chunks, commit %s)", final.name, len(chunks), commit[:12])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.ingest", description=__doc__.split("\n\n")[0])
+    p.add_argument("--profile", default="offline", help="profile name (jobs/profiles) or a .toml path")
+    p.add_argument("--source", help="override the manifest's sources: a git URL, a local git repo or a folder")
+    p.add_argument("--store", help="store path (default: the profile's [store].path)")
+    p.add_argument("--corpus", help="corpus manifest (default: the profile's)")
+    p.add_argument("--chunk-size", type=int, help="tokens per chunk, prefix and special tokens included")
+    p.add_argument("--chunk-overlap", type=int, help="overlap between chunks of a section, in tokens")
+    p.add_argument("--check", metavar="QUESTIONS_CSV",
+                   help="after ingesting, print file-level hit@1/3/5 and MRR for the CSV's expected_sources")
+    p.add_argument("--check-only", action="store_true", help="skip ingesting; only run --check on the store")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any profile setting, e.g. --set embedder.batch_size=64")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def profile_from_args(args: argparse.Namespace) -> Profile:
+    overrides: dict[str, object] = dict(parse_override(s) for s in args.set)
+    overrides.update({
+        "store.path": getattr(args, "store", None),
+        "corpus": getattr(args, "corpus", None),
+        "chunking.size": getattr(args, "chunk_size", None),
+        "chunking.overlap": getattr(args, "chunk_overlap", None),
+    })
+    return load_profile(args.profile, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    joblog.setup(args.verbose)
+    profile = profile_from_args(args)
+    embedder = None
+    if not args.check_only:
+        summary = ingest(profile, args.source)
+        print(summary.line(), flush=True)
+        log.info("summary: %s", {k: v for k, v in asdict(summary).items() if k in
+                                 ("commit", "source", "chunks", "relabelled", "rebuilt", "wrote",
+                                  "max_chunk_tokens")})
+    if args.check:
+        from jobs.check import run_check
+
+        line = run_check(profile, Path(args.check), embedder)
+        print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    joblog.run_cli(main)

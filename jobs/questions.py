@@ -1,0 +1,98 @@
+"""Question sets: a CSV read and validated in full before any model loads.
+
+Columns: id, question, language, expected_keywords, expected_sources, category, notes. Lists are
+``|``-separated. Every bad row is reported (file, row, field), then the job stops.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs.errors import JobError
+
+COLUMNS = ("id", "question", "language", "expected_keywords", "expected_sources", "category", "notes")
+CATEGORIES = ("identity", "factual", "multi-doc", "english", "negative")
+LANGUAGES = ("zh", "en")
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    question: str
+    language: str
+    expected_keywords: tuple[str, ...]
+    expected_sources: tuple[str, ...]
+    category: str
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class QuestionSet:
+    path: Path
+    sha256: str
+    questions: tuple[Question, ...]
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split("|") if v.strip())
+
+
+def load_questions(path: Path) -> QuestionSet:
+    """Read and validate; raise one JobError listing every problem (one line each)."""
+    if not path.is_file():
+        raise JobError(f"{path}: question file not found")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # a BOM from Excel is fine
+    except UnicodeDecodeError as exc:
+        raise JobError(f"{path}: not UTF-8 (byte {exc.start}): save the CSV as UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in COLUMNS if c not in header and c != "notes"]
+    if missing:
+        raise JobError(f"{path}: missing column(s) {', '.join(missing)} (header: {', '.join(header) or 'empty'})")
+    reader.fieldnames = header
+    errors: list[str] = []
+    questions: list[Question] = []
+    seen: dict[str, int] = {}
+    for row_no, row in enumerate(reader, start=2):  # row 1 is the header
+        if None in row:
+            errors.append(f"{path}:{row_no}: more fields than columns (unquoted comma?)")
+            continue
+        row = {k: (v or "").strip() for k, v in row.items()}
+
+        def bad(field: str, why: str, row_no: int = row_no) -> None:
+            errors.append(f"{path}:{row_no}: {field}: {why}")
+
+        qid = row["id"]
+        if not qid:
+            bad("id", "empty")
+        elif qid in seen:
+            bad("id", f"duplicate {qid!r} (first on row {seen[qid]})")
+        else:
+            seen[qid] = row_no
+        if not row["question"]:
+            bad("question", "empty")
+        if row["language"] not in LANGUAGES:
+            bad("language", f"{row['language']!r} is not one of {', '.join(LANGUAGES)}")
+        if row["category"] not in CATEGORIES:
+            bad("category", f"{row['category']!r} is not one of {', '.join(CATEGORIES)}")
+        keywords = _split(row["expected_keywords"])
+        if row["category"] not in ("negative", "identity") and not keywords:
+            bad("expected_keywords", f"empty for a {row['category']!r} question")
+        if row["category"] == "negative" and keywords:
+            bad("expected_keywords", "a negative question expects an abstention, not keywords")
+        questions.append(Question(
+            id=qid, question=row["question"], language=row["language"], expected_keywords=keywords,
+            expected_sources=_split(row["expected_sources"]), category=row["category"],
+            notes=row.get("notes", ""),
+        ))
+    if errors:
+        raise JobError(f"{len(errors)} problem(s) in {path}:\n" + "\n".join(errors))
+    if not questions:
+        raise JobError(f"{path}: no questions")
+    return QuestionSet(path=path, sha256=hashlib.sha256(data).hexdigest(), questions=tuple(questions))

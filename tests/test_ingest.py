@@ -1,0 +1,225 @@
+"""The ingest job end to end: real git, real Chroma on disk, a real (small, packaged) embedder."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from jobs import store as st
+from jobs.config import ROOT, load_profile
+from jobs.errors import JobError
+from jobs.ingest import ingest
+from jobs.retrieval import StoreRetriever
+from tests.conftest import MINI_QUESTIONS, write_manifest, write_profile
+
+
+def stored(profile) -> dict[str, dict]:
+    with st.client(st.live_generation(profile.store.path)) as c:
+        coll = st.get_collection(c, profile.store.collection, create=False)
+        page = coll.get(include=["metadatas", "documents", "embeddings"])
+        return {i: {"meta": m, "text": d, "emb": list(e)}
+                for i, m, d, e in zip(page["ids"], page["metadatas"], page["documents"], page["embeddings"])}
+
+
+def test_full_ingest_then_rerun_embeds_nothing(mini_profile, minilm_embedder):
+    first = ingest(mini_profile, embedder=minilm_embedder)
+    assert first.files == 5 and first.skipped == 1  # docs/en/stub.md is a stub
+    assert first.added == first.chunks > 5 and first.embedded > 0 and first.wrote
+    before = stored(mini_profile)
+    assert {m["meta"]["path"] for m in before.values()} == {
+        "README.md", "docs/en/config.md", "docs/zh_cn/quickstart.rst", "docs/zh_cn/faq.md"}
+    assert {m["meta"]["lang"] for m in before.values() if "zh_cn" in m["meta"]["path"]} == {"zh"}
+
+    second = ingest(mini_profile, embedder=minilm_embedder)
+    assert (second.embedded, second.added, second.updated, second.removed) == (0, 0, 0, 0)
+    assert second.unchanged == first.chunks and not second.wrote
+    assert "embedded=0" in second.line() and "unchanged=%d" % first.chunks in second.line()
+    assert stored(mini_profile) == before
+
+
+def test_edit_one_file_reembeds_only_it_and_delete_removes(mini_profile, minilm_embedder, corpus_dir):
+    ingest(mini_profile, embedder=minilm_embedder)
+    before = stored(mini_profile)
+    faq = corpus_dir / "docs/zh_cn/faq.md"
+    faq.write_text(faq.read_text(encoding="utf-8").replace("WSL2", "WSL2 或虚拟机"), encoding="utf-8")
+
+    edit = ingest(mini_profile, embedder=minilm_embedder)
+    after = stored(mini_profile)
+    changed = {i for i in after if i not in before or after[i]["text"] != before[i]["text"]}
+    assert changed and all(i.startswith("docs/zh_cn/faq.md#") for i in changed)
+    assert edit.embedded == len(changed) and edit.updated + edit.added == len(changed)
+    for i in set(after) - changed:  # every other vector is the very same one
+        assert after[i]["emb"] == pytest.approx(before[i]["emb"])
+
+    (corpus_dir / "docs/en/config.md").unlink()
+    gone = ingest(mini_profile, embedder=minilm_embedder)
+    final = stored(mini_profile)
+    assert not any(m["meta"]["path"] == "docs/en/config.md" for m in final.values())
+    assert gone.removed == sum(1 for i in after if i.startswith("docs/en/config.md#")) > 0
+    assert gone.embedded == 0
+
+
+def test_no_chunk_exceeds_the_window(tmp_path, corpus_dir, minilm_path, minilm_embedder):
+    manifest = write_manifest(tmp_path / "m.toml", ref="main", sources=[("folder", str(corpus_dir))])
+    profile = load_profile(str(write_profile(tmp_path / "p.toml", embedder=minilm_path, corpus=manifest,
+                                             store=tmp_path / "s", cache=tmp_path / "c", size=32, overlap=4)))
+    ingest(profile, embedder=minilm_embedder)
+    tok = AutoTokenizer.from_pretrained(minilm_path)  # measured independently of the chunker
+    lengths = [len(tok(c["text"], truncation=False)["input_ids"]) for c in stored(profile).values()]
+    assert max(lengths) <= 32
+    assert len(lengths) > 15  # the size really forced splitting
+
+
+def test_code_and_logs_are_capped(mini_profile, minilm_embedder):
+    ingest(mini_profile, embedder=minilm_embedder)
+    texts = "\n".join(c["text"] for c in stored(mini_profile).values())
+    assert "step 16 loss" not in texts and "more lines)" in texts  # 16-line log cut to 6 lines
+    assert "step 1 loss" in texts
+
+
+def test_clones_pinned_ref_from_git(tmp_path, git_repo, minilm_path, minilm_embedder):
+    repo, shas = git_repo
+    manifest = write_manifest(tmp_path / "m.toml", ref=shas[1], sources=[("git", f"file://{repo}")])
+    profile = load_profile(str(write_profile(tmp_path / "p.toml", embedder=minilm_path, corpus=manifest,
+                                             store=tmp_path / "s", cache=tmp_path / "c")))
+    summary = ingest(profile, embedder=minilm_embedder)
+    assert summary.commit == shas[1]
+    paths = {c["meta"]["path"] for c in stored(profile).values()}
+    assert "docs/en/config.md" in paths  # added by the pinned commit
+    assert "docs/en/late.md" not in paths  # added after it
+    assert {c["meta"]["commit"] for c in stored(profile).values()} == {shas[1]}
+    with st.client(st.live_generation(profile.store.path)) as c:
+        info = st.read_build_info(st.get_collection(c, "mini_docs", create=False))
+    assert info["corpus_commit"] == shas[1] and info["chunk_size"] == 64
+    assert info["embedder_dim"] == 384 and info["chunks"] == summary.chunks
+
+
+def test_falls_back_to_next_source_and_records_it(tmp_path, git_repo, minilm_path, minilm_embedder):
+    repo, shas = git_repo
+    manifest = write_manifest(tmp_path / "m.toml", ref=shas[1], sources=[
+        ("git", str(tmp_path / "no-such-mirror")), ("git", str(repo))])
+    profile = load_profile(str(write_profile(tmp_path / "p.toml", embedder=minilm_path, corpus=manifest,
+                                             store=tmp_path / "s", cache=tmp_path / "c")))
+    summary = ingest(profile, embedder=minilm_embedder)
+    assert summary.commit == shas[1] and summary.source == f"git {repo}"
+
+
+def test_every_source_failing_lists_what_was_tried(tmp_path, git_repo, minilm_path):
+    repo, _ = git_repo
+    bad_ref = "0" * 40
+    manifest = write_manifest(tmp_path / "m.toml", ref=bad_ref, sources=[
+        ("git", str(repo)), ("folder", str(tmp_path / "missing"))])
+    profile = load_profile(str(write_profile(tmp_path / "p.toml", embedder=minilm_path, corpus=manifest,
+                                             store=tmp_path / "s", cache=tmp_path / "c")))
+    with pytest.raises(JobError) as err:
+        ingest(profile)
+    msg = str(err.value)
+    assert bad_ref in msg and f"git {repo}" in msg and "missing" in msg
+    assert not profile.store.path.exists()  # nothing half-written
+
+
+def test_bad_manifest_is_a_clear_error(tmp_path, minilm_path):
+    manifest = tmp_path / "m.toml"
+    manifest.write_text('name = "x"\nurl = "u"\n', encoding="utf-8")  # no ref
+    profile = load_profile(str(write_profile(tmp_path / "p.toml", embedder=minilm_path, corpus=manifest,
+                                             store=tmp_path / "s", cache=tmp_path / "c")))
+    with pytest.raises(JobError, match=r"m\.toml: ref must be a non-empty string"):
+        ingest(profile)
+    manifest.write_text("name = [", encoding="utf-8")
+    with pytest.raises(JobError, match="not valid TOML"):
+        ingest(profile)
+
+
+def test_second_concurrent_ingest_is_refused(mini_profile, minilm_embedder):
+    with st.ingest_lock(mini_profile.store.path):
+        with pytest.raises(JobError, match=r"locked by another ingest \(pid %d\)" % os.getpid()):
+            ingest(mini_profile, embedder=minilm_embedder)
+    ingest(mini_profile, embedder=minilm_embedder)  # the lock is gone with its holder
+
+
+def test_store_built_with_another_embedder_is_refused(mini_profile, minilm_embedder):
+    ingest(mini_profile, embedder=minilm_embedder)
+    other = dataclasses.replace(minilm_embedder, name="some/other-model", dim=768)
+    with pytest.raises(JobError, match="built with another embedder.*embedder_dim: store has 384"):
+        StoreRetriever(mini_profile, other)
+
+
+def test_chunking_change_rebuilds(mini_profile, minilm_embedder):
+    ingest(mini_profile, embedder=minilm_embedder)
+    smaller = dataclasses.replace(mini_profile, chunking=dataclasses.replace(mini_profile.chunking, size=48))
+    summary = ingest(smaller, embedder=minilm_embedder)
+    assert summary.rebuilt and summary.embedded > 0
+    assert all(c["meta"]["n_tokens"] <= 48 for c in stored(smaller).values())
+
+
+def _cli(profile_path: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "jobs.ingest", "--profile", str(profile_path), *args]
+
+
+def test_cli_summary_line_and_check(tmp_path, corpus_dir, minilm_path):
+    manifest = write_manifest(tmp_path / "m.toml", ref="main", sources=[("folder", str(tmp_path / "nowhere"))])
+    prof = write_profile(tmp_path / "p.toml", embedder=minilm_path, corpus=manifest, store=tmp_path / "s",
+                         cache=tmp_path / "c")
+    out = subprocess.run(_cli(prof, "--source", str(corpus_dir), "--check", str(MINI_QUESTIONS)),
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("files=5 skipped=1 added=") and "embedded=" in lines[0]
+    assert lines[1].startswith("hit@1=") and "mrr=" in lines[1] and "(n=4)" in lines[1]
+
+    bad = subprocess.run(_cli(prof, "--source", str(tmp_path / "absent")), cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: --source")
+
+
+def test_kill_9_leaves_a_queryable_store_and_rerun_completes(tmp_path, corpus_dir, minilm_path, minilm_embedder):
+    manifest = write_manifest(tmp_path / "m.toml", ref="main", sources=[("folder", str(corpus_dir))])
+    prof_path = write_profile(tmp_path / "p.toml", embedder=minilm_path, corpus=manifest,
+                              store=tmp_path / "stores" / "mini", cache=tmp_path / "c")
+    profile = load_profile(str(prof_path))
+    first = ingest(profile, embedder=minilm_embedder)
+    v1 = stored(profile)
+    # A corpus update big enough that the run spends a while embedding and writing.
+    for i in range(25):
+        (corpus_dir / f"docs/en/page{i}.md").write_text(
+            f"# Page {i}\n\n" + " ".join(f"Sentence {j} of page {i} about topic {i * j}." for j in range(60)),
+            encoding="utf-8")
+
+    gens = st.gens_dir(profile.store.path)
+    killed_in = set()
+    for phase in ("embedding", "writing"):
+        log = open(tmp_path / f"{phase}.log", "wb")  # noqa: SIM115 - a file, not a pipe that could fill up
+        proc = subprocess.Popen(_cli(prof_path), cwd=ROOT, stdout=log, stderr=log)
+        started = time.monotonic()
+        while time.monotonic() - started < 240 and proc.poll() is None:
+            writing = any(p.name.endswith(".tmp") for p in gens.iterdir())
+            if phase == "embedding" and not writing and b"Generating embeddings" in (
+                    tmp_path / f"{phase}.log").read_bytes():
+                break
+            if phase == "writing" and writing:
+                break
+            time.sleep(0.005)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            killed_in.add(phase)
+        log.close()
+        # Whatever the moment, the live store is the old one, whole and queryable.
+        assert stored(profile) == v1
+        with StoreRetriever(profile, minilm_embedder) as r:
+            assert r.retrieve("learning rate", 3)
+    assert "writing" in killed_in, "the kill never landed while the new generation was being written"
+
+    done = ingest(profile, embedder=minilm_embedder)
+    assert done.wrote and done.added > 0 and done.chunks == first.chunks + done.added
+    assert not any(p.name.endswith(".tmp") for p in gens.iterdir())  # the stale copy was cleaned up
+    assert len(stored(profile)) == done.chunks
