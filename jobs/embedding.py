@@ -1,18 +1,16 @@
 """Embeddings: LlamaIndex's HuggingFaceEmbedding for every profile, plus the facts chunking needs.
 
 The same class loads an HF hub id (``HF_ENDPOINT`` mirrors and ``HF_HUB_OFFLINE`` honoured by
-huggingface_hub itself), a local folder, or a folder prepared by ``make models``.
+huggingface_hub itself), a local folder, or a folder prepared by ``make models``. The model loads on
+first use, so an ingest that finds nothing changed never pays for it.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 import time
-from dataclasses import dataclass
 
-from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 from tokenizers import Tokenizer
 
 from jobs.config import EmbedderConfig, Profile
@@ -22,35 +20,75 @@ from jobs.errors import JobError
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class Embedder:
-    model: HuggingFaceEmbedding
-    name: str  # as configured: what the store records and compares
-    location: str  # the resolved id or folder actually loaded
-    dim: int
-    window: int  # max tokens the model reads, special tokens included
-    query_prefix: str
-    passage_prefix: str
-    device: str
+    def __init__(self, cfg: EmbedderConfig, location: str) -> None:
+        self.cfg = cfg
+        self.name = cfg.model  # as configured: what the store records and compares
+        self.location = location  # the resolved id or folder actually loaded
+        # The configured prefixes are authoritative (LlamaIndex would otherwise guess one from the name).
+        self.query_prefix = cfg.query_prefix
+        self.passage_prefix = cfg.passage_prefix
 
     @functools.cached_property
-    def _counter(self) -> Tokenizer:
-        # A private copy of the model's own fast tokenizer without padding or truncation: some
-        # tokenizer.json files pad every encoding to the window, which would make every count equal.
-        tok = copy.deepcopy(self.model._model.tokenizer.backend_tokenizer)
-        tok.no_padding()
-        tok.no_truncation()
+    def device(self) -> str:
+        return pick_device(self.cfg.device)
+
+    @functools.cached_property
+    def model(self):  # noqa: ANN201 - llama_index HuggingFaceEmbedding, imported lazily (slow import)
+        from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+
+        kwargs = {"revision": self.cfg.revision} if self.cfg.revision else {}
+        started = time.perf_counter()
+        try:
+            model = HuggingFaceEmbedding(
+                model_name=self.location,
+                query_instruction=self.query_prefix or None,
+                text_instruction=self.passage_prefix or None,
+                embed_batch_size=self.cfg.batch_size,
+                device=self.device,
+                normalize=True,
+                **kwargs,
+            )
+        except OSError as exc:
+            raise JobError(
+                f"cannot load embedder {self.name!r} ({self.location}): {str(exc).splitlines()[0]}. "
+                "Use a local folder, set HF_ENDPOINT to a reachable mirror, or run `make models`"
+            ) from None
+        model._model.prompts = {"query": self.query_prefix, "text": self.passage_prefix}
+        log.info("embedder %s on %s: dim=%d window=%d tokens (loaded in %.1fs)", self.name, self.device,
+                 model._model.get_embedding_dimension(), model._model.max_seq_length,
+                 time.perf_counter() - started)
+        return model
+
+    @property
+    def dim(self) -> int:
+        return int(self.model._model.get_embedding_dimension())
+
+    @property
+    def window(self) -> int:
+        """Max tokens the model reads, special tokens included; the rest is silently truncated."""
+        return int(self.model._model.max_seq_length)
+
+    @property
+    def _tokenizer(self) -> Tokenizer:
+        tok = self.model._model.tokenizer.backend_tokenizer
+        # sentence-transformers sets padding/truncation on this shared tokenizer for its own calls,
+        # and some tokenizer.json files pad to the window: counts must see neither.
+        if tok.padding is not None:
+            tok.no_padding()
+        if tok.truncation is not None:
+            tok.no_truncation()
         return tok
 
     def token_ids(self, text: str) -> list[int]:
-        return self._counter.encode(text, add_special_tokens=False).ids
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
 
     def count_tokens(self, text: str) -> int:
         return len(self.token_ids(text))
 
     @property
     def special_tokens(self) -> int:
-        return len(self._counter.encode("", add_special_tokens=True).ids)
+        return len(self._tokenizer.encode("", add_special_tokens=True).ids)
 
     def embed_passages(self, texts: list[str], show_progress: bool = True) -> list[list[float]]:
         """Embed in length-sorted batches (less padding), returned in input order."""
@@ -66,53 +104,15 @@ class Embedder:
     def embed_query(self, text: str) -> list[float]:
         return self.model.get_query_embedding(text)
 
+    def spec(self) -> dict[str, str]:
+        """The part of the identity known without loading the model."""
+        return {"embedder": self.name, "query_prefix": self.query_prefix, "passage_prefix": self.passage_prefix}
+
     def identity(self) -> dict[str, str | int]:
-        """What a store must agree with to be queried by this embedder."""
-        return {
-            "embedder": self.name,
-            "embedder_dim": self.dim,
-            "embedder_window": self.window,
-            "query_prefix": self.query_prefix,
-            "passage_prefix": self.passage_prefix,
-        }
+        """What a store must agree with to be queried by this embedder (loads the model)."""
+        return {**self.spec(), "embedder_dim": self.dim, "embedder_window": self.window}
 
 
 def load_embedder(profile: Profile, cfg: EmbedderConfig | None = None) -> Embedder:
     cfg = cfg or profile.embedder
-    location = profile.resolve_model(cfg.model)
-    device = pick_device(cfg.device)
-    kwargs = {"revision": cfg.revision} if cfg.revision else {}
-    started = time.perf_counter()
-    try:
-        model = HuggingFaceEmbedding(
-            model_name=location,
-            # None (not "") when unset: LlamaIndex would otherwise guess an instruction from the name.
-            query_instruction=cfg.query_prefix or None,
-            text_instruction=cfg.passage_prefix or None,
-            embed_batch_size=cfg.batch_size,
-            device=device,
-            normalize=True,
-            **kwargs,
-        )
-    except OSError as exc:
-        raise JobError(
-            f"cannot load embedder {cfg.model!r} ({location}): {str(exc).splitlines()[0]}. "
-            "Use a local folder, set HF_ENDPOINT to a reachable mirror, or run `make models`"
-        ) from None
-    st = model._model
-    # The prompts actually applied (LlamaIndex may infer one from the model name when none is set).
-    prompts = getattr(st, "prompts", {}) or {}
-    dim = st.get_embedding_dimension()
-    window = int(st.max_seq_length)
-    log.info("embedder %s on %s: dim=%d window=%d tokens (loaded in %.1fs)",
-             cfg.model, device, dim, window, time.perf_counter() - started)
-    return Embedder(
-        model=model,
-        name=cfg.model,
-        location=location,
-        dim=int(dim),
-        window=window,
-        query_prefix=prompts.get("query") or "",
-        passage_prefix=prompts.get("text") or "",
-        device=device,
-    )
+    return Embedder(cfg, profile.resolve_model(cfg.model))

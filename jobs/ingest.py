@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
@@ -83,17 +84,65 @@ def make_chunker(profile: Profile, embedder: Embedder) -> Chunker:
     )
 
 
-def chunk_documents(docs: list[Document], chunker: Chunker) -> list[Chunk]:
-    chunks: list[Chunk] = []
+@dataclass
+class Plan:
+    """What an ingest must do to the store, computed before anything is embedded or written."""
+
+    write: list[Chunk] = field(default_factory=list)  # new chunks, or chunks whose text changed
+    added: int = 0
+    relabel: list[tuple[str, dict]] = field(default_factory=list)  # same text, new metadata
+    remove: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    total: int = 0
+    max_tokens: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not (self.write or self.relabel or self.remove)
+
+
+def plan_changes(docs: list[Document], old: dict[str, st.StoredChunk], commit: str,
+                 chunk: Callable[[Document], list[Chunk]]) -> Plan:
+    """Diff the corpus against the store. Files whose bytes are unchanged are not even re-chunked:
+    with the same chunker settings (checked by the caller) they give the same chunks."""
+    plan = Plan()
+    by_path: dict[str, dict[str, st.StoredChunk]] = {}
+    for s in old.values():
+        by_path.setdefault(str(s.metadata.get("path")), {})[s.id] = s
     for doc in tqdm(docs, desc="chunk", unit="file", leave=False):
-        chunks.extend(chunker.chunk(doc))
-    return chunks
+        stored = by_path.pop(doc.path, {})
+        if stored and all(s.metadata.get("file_sha") == doc.sha for s in stored.values()):
+            for s in stored.values():
+                meta = {**s.metadata, "commit": commit}
+                if meta != s.metadata:
+                    plan.relabel.append((s.id, meta))
+                else:
+                    plan.unchanged += 1
+                plan.max_tokens = max(plan.max_tokens, int(s.metadata.get("n_tokens", 0)))
+            plan.total += len(stored)
+            continue
+        chunks = chunk(doc)
+        for c in chunks:
+            before = stored.get(c.id)
+            if before is None or before.text_sha != c.text_sha:
+                plan.write.append(c)
+                plan.added += before is None
+            elif before.metadata != c.metadata(commit):
+                plan.relabel.append((c.id, c.metadata(commit)))
+            else:
+                plan.unchanged += 1
+            plan.max_tokens = max(plan.max_tokens, c.n_tokens)
+        plan.remove.extend(sorted(set(stored) - {c.id for c in chunks}))
+        plan.total += len(chunks)
+    for gone in by_path.values():  # files deleted from the corpus
+        plan.remove.extend(sorted(gone))
+    return plan
 
 
 def build_info(profile: Profile, embedder: Embedder, checkout: Checkout, manifest_url: str,
                summary: IngestSummary) -> dict:
     return {
-        **embedder.identity(),
+        **embedder.spec(),
         "corpus": profile.corpus.stem,
         "corpus_url": manifest_url,
         "corpus_commit": checkout.commit,
@@ -107,7 +156,6 @@ def build_info(profile: Profile, embedder: Embedder, checkout: Checkout, manifes
         "skipped": summary.skipped,
         "chunks": summary.chunks,
         "max_chunk_tokens": summary.max_chunk_tokens,
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
@@ -115,97 +163,101 @@ def ingest(profile: Profile, source: str | None = None, embedder: Embedder | Non
     started = time.perf_counter()
     store_path = profile.store.path
     manifest = load_manifest(profile.corpus)
+    name = profile.store.collection
     with st.ingest_lock(store_path):
         st.collect_garbage(store_path)
         override = source_from_override(source) if source else None
         checkout = fetch(manifest, profile.paths.cache, override)
         docs, skipped = read_documents(checkout, profile.chunking.min_doc_chars)
         if skipped:
-            log.info("skipped %d stub file(s): %s", len(skipped), ", ".join(skipped))
-        embedder = embedder or load_embedder(profile)
-        chunks = chunk_documents(docs, make_chunker(profile, embedder))
-        summary = IngestSummary(
-            files=len(checkout.files), skipped=len(skipped), chunks=len(chunks), commit=checkout.commit,
-            source=checkout.source.describe(),
-            max_chunk_tokens=max((c.n_tokens for c in chunks), default=0),
-        )
-        if not chunks:
-            raise JobError(f"corpus {manifest.name} at {checkout.commit[:12]} gave no chunks "
+            log.info("skipped %d stub file(s) (under %d chars of text), e.g. %s", len(skipped),
+                     profile.chunking.min_doc_chars, ", ".join(skipped[:3]))
+            log.debug("skipped: %s", ", ".join(skipped))
+        if not docs:
+            raise JobError(f"corpus {manifest.name} at {checkout.commit[:12]} has no documents "
                            f"({len(checkout.files)} files matched, {len(skipped)} skipped as stubs)")
+        embedder = embedder or load_embedder(profile)
+        summary = IngestSummary(files=len(checkout.files), skipped=len(skipped), commit=checkout.commit,
+                                source=checkout.source.describe())
+
+        live = st.live_generation(store_path)
+        old: dict[str, st.StoredChunk] = {}
+        old_info: dict = {}
+        if live is not None:
+            with st.client(live) as c:
+                coll = st.get_collection(c, name, create=True)
+                old_info = st.read_build_info(coll)
+                probe = {**embedder.spec(), **build_info(profile, embedder, checkout, manifest.url, summary)}
+                changed = [k for k in st.REBUILD_KEYS if k in probe and old_info.get(k) != probe[k]]
+                if changed:
+                    log.warning("store settings changed (%s): rebuilding from scratch", ", ".join(changed))
+                    summary.rebuilt, live = True, None
+                else:
+                    old = st.read_chunks(coll)
+
+        chunker: list[Chunker] = []
+
+        def chunk(doc: Document) -> list[Chunk]:
+            if not chunker:  # the tokenizer (and so the model) loads only when a file needs chunking
+                chunker.append(make_chunker(profile, embedder))
+            return chunker[0].chunk(doc)
+
+        plan = plan_changes(docs, old, checkout.commit, chunk)
+        summary.chunks, summary.max_chunk_tokens = plan.total, plan.max_tokens
+        summary.added, summary.updated = plan.added, len(plan.write) - plan.added
+        summary.removed, summary.relabelled, summary.unchanged = len(plan.remove), len(plan.relabel), plan.unchanged
+        if not plan.total:
+            raise JobError(f"corpus {manifest.name} at {checkout.commit[:12]} gave no chunks")
         info = build_info(profile, embedder, checkout, manifest.url, summary)
-        _apply(store_path, profile.store.collection, chunks, checkout.commit, embedder, info, summary)
+        if live is not None and plan.empty and all(old_info.get(k) == v for k, v in info.items()):
+            log.info("store %s is up to date at %s: nothing to write", store_path, checkout.commit[:12])
+        else:
+            info.update({"embedder_dim": embedder.dim, "embedder_window": embedder.window,
+                         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            _write(store_path, name, live, plan, checkout.commit, embedder, info, summary)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _apply(store_path: Path, name: str, chunks: list[Chunk], commit: str, embedder: Embedder,
+def _write(store_path: Path, name: str, live: Path | None, plan: Plan, commit: str, embedder: Embedder,
            info: dict, summary: IngestSummary) -> None:
-    live = st.live_generation(store_path)
-    old: dict[str, st.StoredChunk] = {}
-    reusable: dict[str, list[float]] = {}  # text_sha -> vector already in the store
-    same_info = False
-    if live is not None:
+    """Embed what is new, apply the plan to a copy of the live generation, then publish it."""
+    reusable: dict[str, list[float]] = {}  # text_sha -> a vector already in the store
+    if live is not None and plan.write:
         with st.client(live) as c:
-            coll = st.get_collection(c, name, create=True)
-            old_info = st.read_build_info(coll)
-            changed = [k for k in st.REBUILD_KEYS if old_info.get(k) != info.get(k)]
-            if changed:
-                log.warning("store settings changed (%s): rebuilding from scratch", ", ".join(changed))
-                summary.rebuilt = True
-                live = None
-            else:
-                old = st.read_chunks(coll)
-                by_sha = {s.text_sha: s.id for s in old.values()}
-                need = {c.text_sha for c in chunks if c.id not in old or old[c.id].text_sha != c.text_sha}
-                ids = [by_sha[sha] for sha in need if sha in by_sha]
-                reusable = {old[i].text_sha: v for i, v in st.embeddings_for(coll, ids).items()}
-            same_info = not changed and all(old_info.get(k) == v for k, v in info.items()
-                                            if k not in ("built_at",))
-
-    new_ids = {c.id for c in chunks}
-    to_write = [c for c in chunks if c.id not in old or old[c.id].text_sha != c.text_sha]
-    relabel = [c for c in chunks if c.id in old and old[c.id].text_sha == c.text_sha
-               and old[c.id].metadata != c.metadata(commit)]
-    removed = sorted(set(old) - new_ids)
-    summary.added = sum(1 for c in to_write if c.id not in old)
-    summary.updated = len(to_write) - summary.added
-    summary.removed = len(removed)
-    summary.relabelled = len(relabel)
-    summary.unchanged = len(chunks) - len(to_write)
-
-    if live is not None and not to_write and not removed and not relabel and same_info:
-        log.info("store %s is up to date at %s: nothing to write", store_path, commit[:12])
-        return
-
-    texts = sorted({c.text_sha: c.text for c in to_write if c.text_sha not in reusable}.items())
-    vectors = dict(zip((sha for sha, _ in texts),
-                       embedder.embed_passages([t for _, t in texts])))
+            coll = st.get_collection(c, name, create=False)
+            need = sorted({ch.text_sha for ch in plan.write})
+            found = coll.get(where={"text_sha": {"$in": need}}, include=["metadatas", "embeddings"])
+            for meta, emb in zip(found["metadatas"], found["embeddings"]):
+                reusable[str(meta["text_sha"])] = [float(x) for x in emb]
+    texts = sorted({ch.text_sha: ch.text for ch in plan.write if ch.text_sha not in reusable}.items())
+    vectors = dict(zip((sha for sha, _ in texts), embedder.embed_passages([t for _, t in texts])))
     summary.embedded = len(texts)
     vectors.update(reusable)
 
     gen = st.new_generation(store_path, live)
     with st.client(gen) as c:
         coll = st.get_collection(c, name, create=True)
-        if removed:
-            coll.delete(ids=removed)
-        for i in tqdm(range(0, len(to_write), 1000), desc="store", unit="batch", leave=False):
-            batch = to_write[i:i + 1000]
+        if plan.remove:
+            coll.delete(ids=plan.remove)
+        for i in tqdm(range(0, len(plan.write), 1000), desc="store", unit="batch", leave=False):
+            batch = plan.write[i:i + 1000]
             coll.upsert(
                 ids=[ch.id for ch in batch],
                 documents=[ch.text for ch in batch],
                 metadatas=[ch.metadata(commit) for ch in batch],
                 embeddings=[vectors[ch.text_sha] for ch in batch],
             )
-        for i in range(0, len(relabel), 1000):
-            batch = relabel[i:i + 1000]
-            coll.update(ids=[ch.id for ch in batch], metadatas=[ch.metadata(commit) for ch in batch])
+        for i in range(0, len(plan.relabel), 1000):
+            batch = plan.relabel[i:i + 1000]
+            coll.update(ids=[cid for cid, _ in batch], metadatas=[meta for _, meta in batch])
         coll.modify(metadata=st.build_metadata(info))
-        if coll.count() != len(chunks):
-            raise JobError(f"store check failed: {coll.count()} chunks stored, {len(chunks)} expected")
+        if coll.count() != plan.total:
+            raise JobError(f"store check failed: {coll.count()} chunks stored, {plan.total} expected")
     final = st.publish(store_path, gen)
     summary.wrote = True
     st.collect_garbage(store_path)
-    log.info("published %s (%d chunks, commit %s)", final.name, len(chunks), commit[:12])
+    log.info("published %s (%d chunks, commit %s)", final.name, plan.total, commit[:12])
 
 
 def build_parser() -> argparse.ArgumentParser:

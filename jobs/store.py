@@ -20,9 +20,9 @@ import json
 import logging
 import os
 import shutil
-from datetime import datetime, timezone
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import chromadb
@@ -113,15 +113,6 @@ def read_chunks(collection: chromadb.Collection) -> dict[str, StoredChunk]:
         if len(page["ids"]) < _GET_PAGE:
             return out
         offset += _GET_PAGE
-
-
-def embeddings_for(collection: chromadb.Collection, ids: list[str]) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {}
-    for i in range(0, len(ids), _GET_PAGE):
-        page = collection.get(ids=ids[i:i + _GET_PAGE], include=["embeddings"])
-        for cid, emb in zip(page["ids"], page["embeddings"]):
-            out[cid] = [float(x) for x in emb]
-    return out
 
 
 def get_collection(c: chromadb.ClientAPI, name: str, *, create: bool) -> chromadb.Collection:

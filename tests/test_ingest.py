@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 
 from jobs import store as st
 from jobs.config import ROOT, load_profile
+from jobs.embedding import Embedder, load_embedder
 from jobs.errors import JobError
 from jobs.ingest import ingest
 from jobs.retrieval import StoreRetriever
@@ -38,7 +39,9 @@ def test_full_ingest_then_rerun_embeds_nothing(mini_profile, minilm_embedder):
         "README.md", "docs/en/config.md", "docs/zh_cn/quickstart.rst", "docs/zh_cn/faq.md"}
     assert {m["meta"]["lang"] for m in before.values() if "zh_cn" in m["meta"]["path"]} == {"zh"}
 
-    second = ingest(mini_profile, embedder=minilm_embedder)
+    fresh = load_embedder(mini_profile)
+    second = ingest(mini_profile, embedder=fresh)
+    assert "model" not in vars(fresh)  # nothing changed: the model was never even loaded
     assert (second.embedded, second.added, second.updated, second.removed) == (0, 0, 0, 0)
     assert second.unchanged == first.chunks and not second.wrote
     assert "embedded=0" in second.line() and "unchanged=%d" % first.chunks in second.line()
@@ -147,9 +150,13 @@ def test_second_concurrent_ingest_is_refused(mini_profile, minilm_embedder):
 
 def test_store_built_with_another_embedder_is_refused(mini_profile, minilm_embedder):
     ingest(mini_profile, embedder=minilm_embedder)
-    other = dataclasses.replace(minilm_embedder, name="some/other-model", dim=768)
-    with pytest.raises(JobError, match="built with another embedder.*embedder_dim: store has 384"):
+    other = Embedder(dataclasses.replace(minilm_embedder.cfg, model="some/other-model"), minilm_embedder.location)
+    with pytest.raises(JobError, match="built with another embedder.*embedder: store has '.*', query uses "
+                                       "'some/other-model'"):
         StoreRetriever(mini_profile, other)
+    prefixed = Embedder(dataclasses.replace(minilm_embedder.cfg, query_prefix="query: "), minilm_embedder.location)
+    with pytest.raises(JobError, match="query_prefix: store has '', query uses 'query: '"):
+        StoreRetriever(mini_profile, prefixed)
 
 
 def test_chunking_change_rebuilds(mini_profile, minilm_embedder):

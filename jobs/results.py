@@ -1,0 +1,122 @@
+"""Run folders: an append-only progress log that survives kill -9, and the final files written atomically.
+
+    eval/reports/<run_id>/run.json          what the run is (config, models, corpus, question hash)
+    eval/reports/<run_id>/progress.jsonl    one line per finished (question, mode), fsynced
+    eval/reports/<run_id>/results.csv|jsonl, summary.json, report.md   written at the end
+    eval/reports/latest.md                  points to the newest finished run
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from jobs.errors import JobError
+
+log = logging.getLogger(__name__)
+
+PROGRESS = "progress.jsonl"
+RUN_INFO = "run.json"
+SUMMARY = "summary.json"
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write beside, fsync, rename: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    @classmethod
+    def create(cls, reports_dir: Path, profile_name: str, info: dict) -> RunDir:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        path = reports_dir / f"{stamp}-{profile_name}"
+        n = 1
+        while path.exists():
+            n += 1
+            path = reports_dir / f"{stamp}-{profile_name}-{n}"
+        path.mkdir(parents=True)
+        run = cls(path)
+        atomic_write(path / RUN_INFO, json.dumps({**info, "run_id": run.run_id}, indent=2, ensure_ascii=False))
+        return run
+
+    @classmethod
+    def resume(cls, reports_dir: Path, profile_name: str, info: dict, run: str | None) -> RunDir:
+        """The named run, or the newest unfinished run of this profile; it must be the same experiment."""
+        if run:
+            path = Path(run) if Path(run).is_dir() else reports_dir / run
+            if not (path / RUN_INFO).is_file():
+                raise JobError(f"--resume {run}: no run folder at {path}")
+        else:
+            candidates = sorted((p for p in reports_dir.glob(f"*-{profile_name}*")
+                                 if (p / RUN_INFO).is_file() and not (p / SUMMARY).is_file()), reverse=True)
+            if not candidates:
+                raise JobError(f"--resume: no unfinished run of profile {profile_name!r} in {reports_dir}")
+            path = candidates[0]
+        old = json.loads((path / RUN_INFO).read_text(encoding="utf-8"))
+        differs = [k for k in ("questions_sha256", "experiment") if old.get(k) != info.get(k)]
+        if differs:
+            raise JobError(f"--resume {path.name}: that run used other settings ({', '.join(differs)} differ); "
+                           "start a new run instead")
+        log.info("resuming run %s", path.name)
+        return cls(path)
+
+    def info(self) -> dict:
+        return json.loads((self.path / RUN_INFO).read_text(encoding="utf-8"))
+
+    def done(self) -> dict[tuple[str, str], dict]:
+        """Finished records by (question id, mode). A torn last line (killed mid-write) is dropped."""
+        path = self.path / PROGRESS
+        if not path.is_file():
+            return {}
+        out: dict[tuple[str, str], dict] = {}
+        good_bytes = 0
+        with open(path, "rb") as f:
+            for raw in f:
+                try:
+                    if not raw.endswith(b"\n"):
+                        raise ValueError("torn line")
+                    rec = json.loads(raw)
+                except ValueError:
+                    log.warning("dropping a torn record at the end of %s", path)
+                    break
+                out[(rec["id"], rec["mode"])] = rec
+                good_bytes += len(raw)
+        if good_bytes != path.stat().st_size:
+            with open(path, "r+b") as f:
+                f.truncate(good_bytes)
+        return out
+
+    def append(self, record: dict) -> None:
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        # One write of a whole line, then fsync: after a crash the file ends at a line boundary or
+        # with one torn line that done() drops.
+        fd = os.open(self.path / PROGRESS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def finished(self) -> bool:
+        return (self.path / SUMMARY).is_file()
+
+
+def point_latest(reports_dir: Path, run: RunDir, headline: str) -> None:
+    rel = f"{run.run_id}/report.md"
+    atomic_write(reports_dir / "latest.md",
+                 f"# Latest run\n\n[{run.run_id}]({rel})\n\n{headline}\n")

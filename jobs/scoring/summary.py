@@ -1,0 +1,52 @@
+"""Aggregates per category and overall, per mode, from the per-question results table."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+MODES = ("bare", "rag")
+METRICS = ("keyword_hit_rate", "all_keywords_hit", "abstention", "hit_at_1", "hit_at_3", "hit_at_5", "mrr",
+           "generate_s", "retrieve_s", "answer_tokens")
+OVERALL = "overall"
+
+
+def _mean(series: pd.Series) -> float | None:
+    values = pd.to_numeric(series, errors="coerce").dropna()
+    return float(values.mean()) if len(values) else None
+
+
+def _aggregate(rows: pd.DataFrame) -> dict[str, float | int | None]:
+    negatives = rows[rows["category"] == "negative"]
+    return {
+        "n": int(rows["id"].nunique()),
+        "keyword_hit_rate": _mean(rows["keyword_hit_rate"]),
+        "all_keywords_hit": _mean(rows["all_keywords_hit"]),
+        "abstention": _mean(negatives["abstained"]) if len(negatives) else None,
+        **{m: _mean(rows[m]) for m in ("hit_at_1", "hit_at_3", "hit_at_5", "mrr")},
+        "generate_s": _mean(rows["generate_s"]),
+        "retrieve_s": _mean(rows["retrieve_s"]),
+        "answer_tokens": _mean(rows["answer_tokens"]),
+    }
+
+
+def summarise(df: pd.DataFrame) -> dict:
+    """{"overall": {mode: metrics}, "by_category": {category: {mode: metrics}}}."""
+    out: dict = {OVERALL: {}, "by_category": {}}
+    for mode in MODES:
+        rows = df[df["mode"] == mode]
+        out[OVERALL][mode] = _aggregate(rows)
+        for cat, group in rows.groupby("category", sort=True):
+            out["by_category"].setdefault(cat, {})[mode] = _aggregate(group)
+    return out
+
+
+def metric(summary: dict, key: str) -> float | None:
+    """`rag.keyword_hit_rate`, `bare.abstention`, or `delta.keyword_hit_rate` (rag minus bare), overall."""
+    mode, _, name = key.partition(".")
+    if mode == "delta":
+        a, b = metric(summary, f"rag.{name}"), metric(summary, f"bare.{name}")
+        return None if a is None or b is None else a - b
+    value = summary[OVERALL].get(mode, {}).get(name)
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value

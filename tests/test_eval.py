@@ -1,0 +1,174 @@
+"""The eval job end to end on real parts: Chroma store, MiniLM embedder, a tiny random Llama (plumbing)."""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from jobs.config import ROOT, load_profile
+from jobs.errors import JobError
+from jobs.eval import evaluate, main
+from jobs.ingest import ingest
+from jobs.report import escape_cell
+from tests.conftest import MINI_QUESTIONS, write_manifest, write_profile
+
+LLM_SECTION = """
+[llm]
+model = "{model}"
+device = "cpu"
+max_new_tokens = {max_new_tokens}
+system_prompt = "You answer questions."
+
+[eval]
+questions = "{questions}"
+reports_dir = "{reports}"
+abstain_phrases = ["not covered", "没有提到"]
+"""
+
+
+def eval_profile(tmp_path: Path, corpus: Path, minilm: str, llm: Path, questions: Path = MINI_QUESTIONS,
+                 max_new_tokens: int = 8) -> Path:
+    manifest = write_manifest(tmp_path / "m.toml", ref="main", sources=[("folder", str(corpus))])
+    return write_profile(
+        tmp_path / "p.toml", embedder=minilm, corpus=manifest, store=tmp_path / "stores" / "mini",
+        cache=tmp_path / "cache",
+        extra=LLM_SECTION.format(model=llm, questions=questions, reports=tmp_path / "reports",
+                                 max_new_tokens=max_new_tokens))
+
+
+@pytest.fixture
+def ingested(tmp_path, corpus_dir, minilm_path, tiny_llm, minilm_embedder):
+    path = eval_profile(tmp_path, corpus_dir, minilm_path, tiny_llm)
+    ingest(load_profile(str(path)), embedder=minilm_embedder)
+    return path
+
+
+def test_end_to_end_report_numbers_match_results_csv(ingested):
+    profile = load_profile(str(ingested))
+    run, df, summary = evaluate(profile)
+    results = pd.read_csv(run.path / "results.csv")
+    assert len(results) == 8 and set(results["mode"]) == {"bare", "rag"}
+    assert results.groupby("id")["mode"].nunique().eq(2).all()
+    for col in ("id", "category", "mode", "keyword_hit_rate", "all_keywords_hit", "abstained", "hit_at_5", "mrr",
+                "answer", "retrieve_s", "generate_s", "prompt_tokens", "answer_tokens"):
+        assert col in results.columns
+
+    rag = results[results["mode"] == "rag"]
+    assert summary["overall"]["rag"]["hit_at_5"] == pytest.approx(rag["hit_at_5"].mean())
+    assert summary["overall"]["rag"]["mrr"] == pytest.approx(rag["mrr"].mean())
+    for mode in ("bare", "rag"):
+        rows = results[results["mode"] == mode]
+        assert summary["overall"][mode]["keyword_hit_rate"] == pytest.approx(rows["keyword_hit_rate"].mean())
+        eng = rows[rows["category"] == "english"]
+        assert summary["by_category"]["english"][mode]["keyword_hit_rate"] == pytest.approx(
+            eng["keyword_hit_rate"].mean())
+    assert rag["mrr"].mean() > 0.5  # MiniLM finds most fixture sources
+    assert results[results["mode"] == "bare"]["hit_at_5"].isna().all()
+
+    report = (run.path / "report.md").read_text(encoding="utf-8")
+    for heading in ("## Run", "## Summary: bare vs RAG", "## Latency", "## Questions"):
+        assert heading in report
+    overall = next(line for line in report.splitlines() if line.startswith("| **overall**"))
+    cells = [c.strip() for c in overall.strip("|").split("|")]
+    assert cells[3] == f"{summary['overall']['rag']['keyword_hit_rate']:.2f}"
+    assert cells[11] == f"{rag['hit_at_5'].mean():.2f}" and cells[12] == f"{rag['mrr'].mean():.2f}"
+    for qid in ("t1", "t2", "t3", "t4"):
+        assert f"| {qid} " in report
+    latest = (run.path.parent / "latest.md").read_text(encoding="utf-8")
+    assert f"{run.run_id}/report.md" in latest
+    saved = json.loads((run.path / "summary.json").read_text(encoding="utf-8"))
+    assert saved["overall"]["rag"]["mrr"] == pytest.approx(summary["overall"]["rag"]["mrr"])
+    assert saved["run"]["llm_device"] == "cpu" and saved["run"]["corpus_commit"].startswith("folder-")
+
+
+def test_bad_questions_fail_before_any_model_loads(tmp_path, ingested):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,question,language,expected_keywords,expected_sources,category,notes\n"
+                   "a,,zh,x,,factual,\na,Q?,fr,x,,trivia,\n", encoding="utf-8")
+    with pytest.raises(JobError) as err:
+        evaluate(load_profile(str(ingested)), questions=bad)
+    lines = str(err.value).splitlines()
+    assert f"{bad}:2: question: empty" in lines
+    assert any(f"{bad}:3: id: duplicate 'a' (first on row 2)" == x for x in lines)
+    assert any(x.startswith(f"{bad}:3: category: 'trivia'") for x in lines)
+    assert any(x.startswith(f"{bad}:3: language: 'fr'") for x in lines)
+    assert not (tmp_path / "reports").exists()
+
+
+def test_missing_store_says_run_ingest(tmp_path, corpus_dir, minilm_path, tiny_llm):
+    profile = load_profile(str(eval_profile(tmp_path, corpus_dir, minilm_path, tiny_llm)))
+    with pytest.raises(JobError, match="run `make ingest`"):
+        evaluate(profile)
+
+
+def test_fail_under_exits_3_and_still_writes_the_report(ingested, capsys):
+    code = main(["--profile", str(ingested), "--fail-under", "rag.hit_at_5=1.01",
+                 "--fail-under", "rag.mrr=0.0"])
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "FAIL: rag.hit_at_5" in err and "rag.mrr" not in err
+    reports = load_profile(str(ingested)).eval.reports_dir
+    assert len(list(reports.glob("*/report.md"))) == 1
+    with pytest.raises(JobError, match="METRIC one of"):
+        main(["--profile", str(ingested), "--fail-under", "rag.accuracy=0.5"])
+
+
+def test_resume_after_kill_does_each_question_once(tmp_path, corpus_dir, minilm_path, minilm_embedder):
+    from tests.conftest import build_tiny_chat_model
+
+    # Enough work to be killed in the middle: 30 questions, a slower (still tiny) model.
+    questions = tmp_path / "many.csv"
+    rows = ["id,question,language,expected_keywords,expected_sources,category,notes"]
+    rows += [f"q{i:02d},What is the default learning rate {i}?,en,3e-4,docs/en/config.md,english," for i in range(30)]
+    questions.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    llm = build_tiny_chat_model(tmp_path / "slow-llm", hidden=256, layers=4)
+    prof = eval_profile(tmp_path, corpus_dir, minilm_path, llm, questions=questions, max_new_tokens=48)
+    ingest(load_profile(str(prof)), embedder=minilm_embedder)
+
+    cmd = [sys.executable, "-m", "jobs.eval", "--profile", str(prof)]
+    with open(tmp_path / "eval.log", "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log)
+        started = time.monotonic()
+        progress = None
+        while proc.poll() is None and time.monotonic() - started < 300:
+            found = list((tmp_path / "reports").glob("*/progress.jsonl"))
+            if found and found[0].read_bytes().count(b"\n") >= 5:
+                progress = found[0]
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_before = progress.read_bytes().count(b"\n")
+    assert 5 <= done_before < 60 and not (progress.parent / "summary.json").exists()
+
+    out = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = pd.read_csv(progress.parent / "results.csv")
+    assert len(results) == 60 and not results.duplicated(["id", "mode"]).any()
+    lines = [json.loads(x) for x in progress.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == 60 and len({(x["id"], x["mode"]) for x in lines}) == 60
+    assert len(list((tmp_path / "reports").glob("*/summary.json"))) == 1  # resumed, not restarted
+
+
+def test_escape_cell_keeps_tables_intact():
+    nasty = "a | b\nline two\r\n```python\nx = 1 | 2\n```\n<script>alert(1)</script> & `code`"
+    cell = escape_cell(nasty)
+    assert "\n" not in cell and "\r" not in cell
+    assert "<script>" not in cell and "&lt;script&gt;" in cell
+    assert cell.count("|") == cell.count("\\|") == 2
+    table = pd.DataFrame([{"answer": nasty, "n": 1}])
+    from jobs.report import _table
+
+    md = _table(table).splitlines()
+    # Split on unescaped pipes: every row (header, rule, data) has exactly the table's 2 cells.
+    assert len(md) == 3 and [len(re.split(r"(?<!\\)\|", line)) for line in md] == [4, 4, 4]

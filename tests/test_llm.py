@@ -1,0 +1,121 @@
+"""The answering model's prompts: fair (same chat format both ways) and right for InternLM2.
+
+InternLM2-chat-1.8B cannot be downloaded here. Its tokenizer is stood in for by a word-level tokenizer
+with InternLM2's special-token ids (<s>=1, </s>=2, <|im_end|>=92542, <|im_start|>=92543), its
+add-BOS behaviour and its chat template; the model is a tiny random Llama. That mock is the only one:
+the rendering, tokenizing and HuggingFaceLLM paths are the real ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from jobs.config import load_profile
+from jobs.errors import JobError
+from jobs.llm import ChatLLM, load_kwargs
+from jobs.prompts import bare_user_message, rag_user_message
+
+# InternLM2's chat template (tokenizer_config.json of internlm/internlm2-chat-1_8b).
+INTERNLM2_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def internlm2_like_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<|im_end|>": 92542, "<|im_start|>": 92543}
+    for i, w in enumerate("system user assistant you are internlm 你是谁 what is xtuner ? context".split()):
+        vocab[w] = 10 + i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # Like InternLM2's tokenizer: it adds <s> by itself on every encode.
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = INTERNLM2_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="module")
+def internlm2_llm() -> ChatLLM:
+    profile = load_profile("internlm2", {"llm.revision": "0" * 40, "llm.max_new_tokens": 4})
+    cfg = dataclasses.replace(profile.llm, trust_remote_code=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=92544, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, bos_token_id=1,
+                                         eos_token_id=2))
+    return ChatLLM(cfg, model.eval(), internlm2_like_tokenizer(), "internlm/internlm2-chat-1_8b", "cpu")
+
+
+def test_internlm2_prompt_has_its_chat_format_and_one_bos(internlm2_llm):
+    prompt = internlm2_llm.render("你是谁")
+    system = load_profile("internlm2").llm.system_prompt
+    assert prompt == (f"<|im_start|>system\n{system}<|im_end|>\n"
+                      "<|im_start|>user\n你是谁<|im_end|>\n<|im_start|>assistant\n")
+    ids = internlm2_llm.tokenizer(prompt)["input_ids"]
+    assert ids[0] == 1 and ids.count(1) == 1  # exactly one <s>, added by the tokenizer
+
+
+def test_internlm2_stop_ids_and_greedy_settings(internlm2_llm):
+    assert internlm2_llm.stop_ids == [2, 92542]
+    assert internlm2_llm.hf.generate_kwargs["do_sample"] is False
+    assert internlm2_llm.hf.generate_kwargs["eos_token_id"] == [2, 92542]
+    assert internlm2_llm.identity()["stop_ids"] == "2,92542"
+
+
+def test_bare_and_rag_reach_the_model_in_the_same_chat_format(internlm2_llm):
+    bare = bare_user_message("what is xtuner ?")
+    rag = rag_user_message("what is xtuner ?", [("README.md", "XTuner", "XTuner V1 is a training engine.")])
+    sent: list[str] = []
+    real = internlm2_llm.hf._tokenizer.__call__
+
+    class Spy:
+        def __call__(self, text, *a, **k):
+            sent.append(text)
+            return real(text, *a, **k)
+
+        def __getattr__(self, name):
+            return getattr(internlm2_llm.tokenizer, name)
+
+    internlm2_llm.hf._tokenizer = Spy()
+    try:
+        bare_out = internlm2_llm.complete(bare)
+        rag_out = internlm2_llm.complete(rag)
+    finally:
+        internlm2_llm.hf._tokenizer = internlm2_llm.tokenizer
+    # What the model received is exactly the rendered chat prompt, in both modes...
+    assert sent == [bare_out.prompt, rag_out.prompt]
+    prefix = bare_out.prompt.split("<|im_start|>user\n")[0]
+    # ...with the same system turn and the same assistant opening; only the user content differs.
+    assert rag_out.prompt.startswith(prefix + "<|im_start|>user\n")
+    assert bare_out.prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert rag_out.prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert "XTuner V1 is a training engine." in rag_out.prompt and "README.md" in rag_out.prompt
+    assert bare_out.answer_tokens <= 4 and rag_out.prompt_tokens > bare_out.prompt_tokens
+
+
+def test_remote_code_requires_a_pinned_revision(tmp_path):
+    cfg = load_profile("internlm2").llm
+    with pytest.raises(JobError, match="revision is empty"):
+        load_kwargs(cfg, "internlm/internlm2-chat-1_8b")
+    pinned = dataclasses.replace(cfg, revision="a" * 40)
+    assert load_kwargs(pinned, "internlm/internlm2-chat-1_8b") == {"trust_remote_code": True, "revision": "a" * 40}
+    # A local folder is the user's own copy: no hub revision applies.
+    assert load_kwargs(cfg, str(tmp_path)) == {"trust_remote_code": True}
+
+
+def test_same_code_path_loads_a_local_model_folder(tiny_llm):
+    from jobs.llm import load_llm
+
+    profile = load_profile("offline", {"llm.model": str(tiny_llm), "llm.max_new_tokens": 3, "llm.device": "cpu"})
+    llm = load_llm(profile)
+    out = llm.complete("what is the a ?")
+    assert out.prompt.startswith("<s><|im_start|>system\n") and out.answer_tokens <= 3
+    assert llm.identity()["llm_device"] == "cpu" and llm.identity()["llm_dtype"] == "float32"
+    # Deterministic: greedy and seeded, the same prompt gives the same answer.
+    assert llm.complete("what is the a ?").text == out.text
