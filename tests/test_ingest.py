@@ -44,7 +44,7 @@ def test_full_ingest_then_rerun_embeds_nothing(mini_profile, minilm_embedder):
     assert "model" not in vars(fresh)  # nothing changed: the model was never even loaded
     assert (second.embedded, second.added, second.updated, second.removed) == (0, 0, 0, 0)
     assert second.unchanged == first.chunks and not second.wrote
-    assert "embedded=0" in second.line() and "unchanged=%d" % first.chunks in second.line()
+    assert "embedded=0" in second.line() and f"unchanged={first.chunks}" in second.line()
     assert stored(mini_profile) == before
 
 
@@ -143,7 +143,7 @@ def test_bad_manifest_is_a_clear_error(tmp_path, minilm_path):
 
 def test_second_concurrent_ingest_is_refused(mini_profile, minilm_embedder):
     with st.ingest_lock(mini_profile.store.path):
-        with pytest.raises(JobError, match=r"locked by another ingest \(pid %d\)" % os.getpid()):
+        with pytest.raises(JobError, match=rf"locked by another ingest \(pid {os.getpid()}\)"):
             ingest(mini_profile, embedder=minilm_embedder)
     ingest(mini_profile, embedder=minilm_embedder)  # the lock is gone with its holder
 
