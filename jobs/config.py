@@ -71,7 +71,10 @@ class LLMConfig:
     device: str = "auto"
     dtype: str = "auto"
     max_new_tokens: int = 128
+    # Prompts per generate() call (1 = one at a time through HuggingFaceLLM.complete), and a bound on
+    # rows x (longest prompt + max_new_tokens) so memory scales with tokens, not with a fixed count.
     batch_size: int = 8
+    max_batch_tokens: int = 16384
     stop_ids: tuple[int, ...] = ()
     seed: int = 0
     system_prompt: str = ""

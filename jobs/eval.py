@@ -1,9 +1,10 @@
 """Eval job: questions -> answers (bare and RAG) -> scores -> report.
 
-    python -m jobs.eval --profile offline [--questions CSV] [--resume [RUN]] [--fail-under rag.keyword_hit_rate=0.3]
+    python -m jobs.eval --profile offline [--questions CSV] [--resume [RUN]] [--baseline RUN] [--no-cache]
+                        [--fail-under rag.keyword_hit_rate=0.3] [--fail-under change.rag.keyword_hit_rate=-0.05]
 
-Exit codes: 0 success; 2 bad input or setup (questions, store, model), nothing written; 3 a
---fail-under threshold was missed (the report is written all the same); 130 interrupted.
+Exit codes: 0 success; 2 bad input or setup (questions, store, model, settings), nothing written;
+3 a --fail-under threshold was missed (the report is written all the same); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -22,15 +23,17 @@ import pandas as pd
 from tqdm import tqdm
 
 from jobs import log as joblog
+from jobs.cache import GenerationCache
 from jobs.config import Profile, load_profile, parse_override
 from jobs.embedding import load_embedder
 from jobs.errors import JobError
-from jobs.llm import ChatLLM, load_llm
+from jobs.history import Comparison, append_history, compare, find_baseline
+from jobs.llm import ChatLLM, Completion, load_llm
 from jobs.prompts import PROMPT_VERSION, bare_user_message, rag_user_message
 from jobs.questions import Question, QuestionSet, load_questions
 from jobs.report import render, summary_table
 from jobs.results import RunDir, atomic_write, point_latest
-from jobs.retrieval import Hit, StoreRetriever
+from jobs.retrieval import StoreRetriever
 from jobs.scoring import keywords as kw
 from jobs.scoring.retrieval import file_ranking, scores
 from jobs.scoring.summary import METRICS, metric, summarise
@@ -38,75 +41,121 @@ from jobs.scoring.summary import METRICS, metric, summarise
 log = logging.getLogger("jobs.eval")
 
 EXIT_THRESHOLD = 3
+RANKED_FILES = 10  # files kept per question for the hit@k curve
 
 
 @dataclass(frozen=True)
 class Threshold:
+    """`MODE.METRIC=MIN` on the overall numbers: MODE bare, rag, gain (RAG minus bare), or
+    `change.MODE.METRIC=MIN` for the change since the baseline run (e.g. -0.05)."""
+
     key: str
     minimum: float
 
     @classmethod
     def parse(cls, text: str) -> Threshold:
         key, sep, value = text.partition("=")
-        mode, _, name = key.strip().partition(".")
+        parts = key.strip().split(".")
+        if parts and parts[0] == "change":
+            parts = parts[1:]
+        ok = sep and len(parts) == 2 and parts[0] in ("bare", "rag", "gain") and parts[1] in METRICS
         try:
-            if not sep or mode not in ("bare", "rag", "delta") or name not in METRICS:
+            if not ok:
                 raise ValueError
             return cls(key.strip(), float(value))
         except ValueError:
-            raise JobError(f"--fail-under {text!r}: expected MODE.METRIC=NUMBER with MODE bare, rag or delta and "
-                           f"METRIC one of {', '.join(METRICS)}; e.g. rag.keyword_hit_rate=0.3") from None
+            raise JobError(f"--fail-under {text!r}: expected [change.]MODE.METRIC=NUMBER with MODE bare, rag or "
+                           f"gain and METRIC one of {', '.join(METRICS)}; e.g. rag.keyword_hit_rate=0.3") from None
+
+    def value(self, summary: dict, comparison: Comparison | None) -> float | None:
+        if self.key.startswith("change."):
+            return comparison.change(summary, self.key.removeprefix("change.")) if comparison else None
+        return metric(summary, self.key)
+
+
+@dataclass
+class Job:
+    """One answer to produce: a question in one mode, its rendered prompt, and what retrieval found."""
+
+    question: Question
+    mode: str
+    prompt: str
+    extra: dict
 
 
 def score_answer(q: Question, answer: str, phrases: tuple[str, ...]) -> dict:
     hits = kw.keyword_hits(answer, q.expected_keywords)
-    rate = kw.keyword_hit_rate(answer, q.expected_keywords)
     return {
         "keyword_hits": "|".join("1" if h else "0" for h in hits),
-        "keyword_hit_rate": rate,
+        "keyword_hit_rate": kw.keyword_hit_rate(answer, q.expected_keywords),
         "all_keywords_hit": (all(hits) if hits else None),
         "abstained": kw.abstained(answer, phrases),
     }
 
 
-def _record(q: Question, mode: str, completion, phrases: tuple[str, ...], **extra: object) -> dict:
+def make_jobs(q: Question, modes: set[str], llm: ChatLLM, retriever: StoreRetriever, profile: Profile) -> list[Job]:
+    jobs = []
+    if "bare" in modes:
+        jobs.append(Job(q, "bare", llm.render(bare_user_message(q.question)), {}))
+    if "rag" in modes:
+        started = time.perf_counter()
+        hits = retriever.retrieve(q.question, profile.retrieval.check_depth)
+        retrieve_s = time.perf_counter() - started
+        context = hits[: profile.retrieval.top_k]
+        ranked = file_ranking(h.path for h in hits)
+        extra = {
+            **(scores(ranked, q.expected_sources) if q.expected_sources else {}),
+            "retrieve_s": round(retrieve_s, 4),
+            "retrieved": json.dumps([{"path": h.path, "heading": h.heading, "score": round(h.score, 4),
+                                      "chunk_id": h.chunk_id} for h in context], ensure_ascii=False),
+            "ranked_files": json.dumps(ranked[:RANKED_FILES], ensure_ascii=False),
+        }
+        prompt = llm.render(rag_user_message(q.question, [(h.path, h.heading, h.text) for h in context], q.language))
+        jobs.append(Job(q, "rag", prompt, extra))
+    return jobs
+
+
+def answer(llm: ChatLLM, cache: GenerationCache, prompts: list[str]) -> list[tuple[Completion, bool]]:
+    """Answers for prompts, from the cache where possible; the rest generated together."""
+    fingerprint = {**llm.fingerprint(), "prompt_version": PROMPT_VERSION}
+    keys = [cache.key(fingerprint, p) for p in prompts]
+    found = [cache.get(k) for k in keys]
+    missing = [i for i, f in enumerate(found) if f is None]
+    generated = llm.generate([prompts[i] for i in missing]) if missing else []
+    out: list[tuple[Completion, bool] | None] = [None] * len(prompts)
+    for i, completion in zip(missing, generated):
+        cache.put(keys[i], {"text": completion.text, "prompt_tokens": completion.prompt_tokens,
+                            "answer_tokens": completion.answer_tokens, "seconds": completion.seconds,
+                            "prompt_sha1": hashlib.sha1(prompts[i].encode("utf-8")).hexdigest()})
+        out[i] = (completion, False)
+    for i, f in enumerate(found):
+        if f is not None:
+            out[i] = (Completion(text=f["text"], prompt=prompts[i], prompt_tokens=f["prompt_tokens"],
+                                 answer_tokens=f["answer_tokens"], seconds=f["seconds"]), True)
+    return out  # type: ignore[return-value]
+
+
+def record(job: Job, completion: Completion, cached: bool, phrases: tuple[str, ...]) -> dict:
+    q = job.question
     return {
-        "id": q.id, "category": q.category, "language": q.language, "mode": mode, "question": q.question,
+        "id": q.id, "category": q.category, "language": q.language, "mode": job.mode, "question": q.question,
         "expected_keywords": "|".join(q.expected_keywords), "expected_sources": "|".join(q.expected_sources),
         "answer": completion.text,
         **score_answer(q, completion.text, phrases),
-        "hit_at_1": None, "hit_at_3": None, "hit_at_5": None, "mrr": None, "retrieved": "[]",
-        "retrieve_s": None, "generate_s": round(completion.seconds, 4),
+        "hit_at_1": None, "hit_at_3": None, "hit_at_5": None, "mrr": None, "retrieved": "[]", "ranked_files": "[]",
+        "retrieve_s": None, "generate_s": round(completion.seconds, 4), "cached": cached,
         "prompt_tokens": completion.prompt_tokens, "answer_tokens": completion.answer_tokens,
         "prompt_sha1": hashlib.sha1(completion.prompt.encode("utf-8")).hexdigest(),
-        **extra,
+        **job.extra,
     }
-
-
-def answer_question(q: Question, llm: ChatLLM, retriever: StoreRetriever, profile: Profile,
-                    todo: set[str]) -> list[dict]:
-    phrases = profile.eval.abstain_phrases
-    out = []
-    if "bare" in todo:
-        out.append(_record(q, "bare", llm.complete(bare_user_message(q.question)), phrases))
-    if "rag" in todo:
-        started = time.perf_counter()
-        hits: list[Hit] = retriever.retrieve(q.question, profile.retrieval.check_depth)
-        retrieve_s = time.perf_counter() - started
-        context = hits[: profile.retrieval.top_k]
-        completion = llm.complete(rag_user_message(q.question, [(h.path, h.heading, h.text) for h in context]))
-        ranking = scores(file_ranking(h.path for h in hits), q.expected_sources) if q.expected_sources else {}
-        out.append(_record(
-            q, "rag", completion, phrases, **ranking, retrieve_s=round(retrieve_s, 4),
-            retrieved=json.dumps([{"path": h.path, "heading": h.heading, "score": round(h.score, 4),
-                                   "chunk_id": h.chunk_id} for h in context], ensure_ascii=False),
-        ))
-    return out
 
 
 def run_info(profile: Profile, qs: QuestionSet) -> dict:
     flat = profile.as_flat_dict()
-    experiment = hashlib.sha256(json.dumps({**flat, "prompt_version": PROMPT_VERSION}, sort_keys=True)
+    # Settings that do not change answers may differ on resume: batch sizes, where reports go.
+    same = {k: v for k, v in flat.items() if k not in ("llm.batch_size", "llm.max_batch_tokens",
+                                                         "embedder.batch_size", "eval.reports_dir")}
+    experiment = hashlib.sha256(json.dumps({**same, "prompt_version": PROMPT_VERSION}, sort_keys=True)
                                 .encode()).hexdigest()[:16]
     return {"profile": profile.name, "questions": str(qs.path), "questions_sha256": qs.sha256,
             "prompt_version": PROMPT_VERSION, "experiment": experiment, "config": flat,
@@ -120,48 +169,69 @@ def results_frame(records: list[dict], order: list[str]) -> pd.DataFrame:
     return df.sort_values(["_order", "mode"]).drop(columns="_order").reset_index(drop=True)
 
 
-def write_outputs(run: RunDir, profile: Profile, header: dict, df: pd.DataFrame, summary: dict) -> None:
-    atomic_write(run.path / "results.csv", df.to_csv(index=False))
-    atomic_write(run.path / "results.jsonl",
-                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in df.to_dict(orient="records")))
-    atomic_write(run.path / "report.md", render(run.info(), header, summary, df))
-    # summary.json last: its presence marks the run finished.
-    atomic_write(run.path / "summary.json",
-                 json.dumps({"run": header, **summary}, indent=2, ensure_ascii=False, default=str))
-    point_latest(profile.eval.reports_dir, run, headline(summary))
-
-
 def headline(summary: dict) -> str:
     def f(key: str) -> str:
         v = metric(summary, key)
         return "–" if v is None else f"{v:.2f}"
 
     return (f"keyword hit bare {f('bare.keyword_hit_rate')} → RAG {f('rag.keyword_hit_rate')} "
-            f"(Δ {f('delta.keyword_hit_rate')}); hit@5 {f('rag.hit_at_5')}, MRR {f('rag.mrr')}; "
+            f"(gain {f('gain.keyword_hit_rate')}); hit@5 {f('rag.hit_at_5')}, MRR {f('rag.mrr')}; "
             f"abstention on negatives bare {f('bare.abstention')} / RAG {f('rag.abstention')}")
 
 
+def write_outputs(run: RunDir, profile: Profile, header: dict, df: pd.DataFrame, summary: dict,
+                  comparison: Comparison | None) -> None:
+    from jobs import plots
+
+    reports = profile.eval.reports_dir
+    atomic_write(run.path / "results.csv", df.to_csv(index=False))
+    atomic_write(run.path / "results.jsonl",
+                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in df.to_dict(orient="records")))
+    history = append_history(reports, run, header, summary)
+    figures = {
+        "Bare vs RAG by category": plots.category_bars(summary, run.path / "categories.png").name,
+        "Headline metrics across runs": plots.trend(history, run.path / "trend.png").name,
+        "Retrieval hit@k, k = 1..10": plots.recall_curve(df, run.path / "recall.png").name,
+    }
+    atomic_write(run.path / "report.md", render(run.info(), header, summary, df, comparison, figures))
+    # summary.json last: its presence marks the run finished.
+    atomic_write(run.path / "summary.json",
+                 json.dumps({"run": header, **summary}, indent=2, ensure_ascii=False, default=str))
+    point_latest(reports, run, headline(summary))
+
+
 def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = False, resume_run: str | None = None,
-             limit: int | None = None) -> tuple[RunDir, pd.DataFrame, dict]:
+             limit: int | None = None, baseline: str | None = None, use_cache: bool = True
+             ) -> tuple[RunDir, pd.DataFrame, dict, Comparison | None]:
     qs = load_questions(questions or profile.eval.questions)  # validated before any model loads
     selected = list(qs.questions[:limit] if limit else qs.questions)
     info = run_info(profile, qs)
+    reports = profile.eval.reports_dir
+    if baseline and not ((Path(baseline).is_dir()) or (reports / baseline).is_dir()):
+        raise JobError(f"--baseline {baseline}: no such run in {reports}")
     embedder = load_embedder(profile)
     retriever = StoreRetriever(profile, embedder)  # refuses a missing or mismatched store: before the LLM loads
     try:
         llm = load_llm(profile)
-        reports = profile.eval.reports_dir
-        run = (RunDir.resume(reports, profile.name, info, resume_run) if resume
-               else RunDir.create(reports, profile.name, info))
+        run = RunDir.resume(reports, profile.name, info, resume_run) if resume else RunDir.create(reports,
+                                                                                                     profile.name, info)
+        cache = GenerationCache(profile.paths.cache / "generations", enabled=use_cache)
         done = run.done()
-        started = time.perf_counter()
         generated = 0
-        for q in tqdm(selected, desc="questions", unit="q"):
-            todo = {m for m in ("bare", "rag") if (q.id, m) not in done}
-            for rec in answer_question(q, llm, retriever, profile, todo):
-                run.append(rec)
-                done[(rec["id"], rec["mode"])] = rec
-                generated += 1
+        started = time.perf_counter()
+        phrases = profile.eval.abstain_phrases
+        step = max(1, profile.llm.batch_size)
+        with tqdm(total=len(selected), desc="questions", unit="q") as bar:
+            for i in range(0, len(selected), step):
+                batch = selected[i:i + step]
+                jobs = [j for q in batch for j in make_jobs(
+                    q, {m for m in ("bare", "rag") if (q.id, m) not in done}, llm, retriever, profile)]
+                for job, (completion, cached) in zip(jobs, answer(llm, cache, [j.prompt for j in jobs])):
+                    rec = record(job, completion, cached, phrases)
+                    generated += not cached
+                    run.append(rec)  # each answer is durable before the next batch starts
+                    done[(rec["id"], rec["mode"])] = rec
+                bar.update(len(batch))
         wall = time.perf_counter() - started
         df = results_frame([done[(q.id, m)] for q in selected for m in ("bare", "rag")], [q.id for q in selected])
         summary = summarise(df)
@@ -174,12 +244,15 @@ def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = 
                      f"{retriever.build_info.get('chunk_size')} tokens, built {retriever.build_info.get('built_at')}",
             "questions": f"{qs.path.name} ({len(selected)} questions, sha256 {qs.sha256[:12]})",
             "prompt_version": PROMPT_VERSION,
-            "answers generated this session": generated,
+            "answers generated": generated,
+            "answers from cache": int(df["cached"].sum()),
             "wall_s": round(wall, 1),
-            "questions_per_s": round(len(selected) / wall, 4) if wall and generated else None,
+            "questions_per_s": round(len(selected) / wall, 4) if wall > 0 else None,
         }
-        write_outputs(run, profile, header, df, summary)
-        return run, df, summary
+        base = find_baseline(reports, run, baseline)
+        comparison = compare(header, df, summary, base) if base else None
+        write_outputs(run, profile, header, df, summary, comparison)
+        return run, df, summary, comparison
     finally:
         retriever.close()
 
@@ -193,13 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reports", help="reports folder (default: the profile's)")
     p.add_argument("--top-k", type=int, help="chunks given to the model as context")
     p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--batch-size", type=int, help="prompts per generate() call; 1 = one at a time")
     p.add_argument("--seed", type=int)
     p.add_argument("--limit", type=int, help="only the first N questions (smoke runs)")
     p.add_argument("--resume", nargs="?", const="", metavar="RUN",
                    help="continue the newest unfinished run (or RUN) instead of starting a new one")
-    p.add_argument("--fail-under", action="append", default=[], metavar="MODE.METRIC=MIN",
-                   help="exit 3 when an overall metric is below MIN, e.g. rag.hit_at_5=0.8 or "
-                        "delta.keyword_hit_rate=0.2 (RAG minus bare)")
+    p.add_argument("--baseline", metavar="RUN", help="compare with this run (default: the previous comparable one)")
+    p.add_argument("--no-cache", action="store_true", help="regenerate every answer (the cache is still refreshed)")
+    p.add_argument("--fail-under", action="append", default=[], metavar="[change.]MODE.METRIC=MIN",
+                   help="exit 3 when an overall metric is below MIN: rag.hit_at_5=0.8, gain.keyword_hit_rate=0.2 "
+                        "(RAG minus bare), change.rag.keyword_hit_rate=-0.05 (since the baseline run)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -211,18 +287,24 @@ def main(argv: list[str] | None = None) -> int:
     thresholds = [Threshold.parse(t) for t in args.fail_under]
     overrides: dict[str, object] = dict(parse_override(s) for s in args.set)
     overrides.update({"store.path": args.store, "eval.reports_dir": args.reports, "retrieval.top_k": args.top_k,
-                      "llm.max_new_tokens": args.max_new_tokens, "llm.seed": args.seed})
+                      "llm.max_new_tokens": args.max_new_tokens, "llm.seed": args.seed,
+                      "llm.batch_size": args.batch_size})
     profile = load_profile(args.profile, overrides)
-    run, df, summary = evaluate(profile, questions=args.questions, resume=args.resume is not None,
-                                resume_run=args.resume or None, limit=args.limit)
+    run, _df, summary, comparison = evaluate(
+        profile, questions=args.questions, resume=args.resume is not None, resume_run=args.resume or None,
+        limit=args.limit, baseline=args.baseline, use_cache=not args.no_cache)
     print(summary_table(summary).to_markdown(index=False, disable_numparse=True))
     print(f"report: {run.path / 'report.md'}")
     print(headline(summary))
+    if comparison is not None:
+        print(f"since {comparison.baseline}: {len(comparison.regressions)} regression(s), "
+              f"{len(comparison.fixed)} fixed")
     code = 0
     for t in thresholds:
-        value = metric(summary, t.key)
+        value = t.value(summary, comparison)
         if value is None or value < t.minimum:
-            print(f"FAIL: {t.key} = {'n/a' if value is None else f'{value:.3f}'} < {t.minimum}", file=sys.stderr)
+            shown = "n/a (no baseline)" if value is None else f"{value:.3f}"
+            print(f"FAIL: {t.key} = {shown} < {t.minimum}", file=sys.stderr)
             code = EXIT_THRESHOLD
     return code
 

@@ -17,6 +17,7 @@ import torch
 from llama_index.llms.huggingface import HuggingFaceLLM
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from jobs.cache import folder_fingerprint
 from jobs.config import LLMConfig, Profile
 from jobs.device import pick_device, pick_dtype
 from jobs.errors import JobError
@@ -64,11 +65,12 @@ class ChatLLM:
     """A chat model that answers one user message at a time, greedily, through HuggingFaceLLM."""
 
     def __init__(self, cfg: LLMConfig, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-                 name: str, device: str) -> None:
+                 name: str, device: str, location: str = "") -> None:
         if tokenizer.chat_template is None:
             raise JobError(f"llm {name!r}: the tokenizer has no chat template; bare and RAG prompts need one")
         self.cfg = cfg
         self.name = name
+        self.location = location or name
         self.device = device
         self.tokenizer = tokenizer
         self.model = model
@@ -95,16 +97,76 @@ class ChatLLM:
                            strip_bos=self.cfg.strip_bos_from_template)
 
     def complete(self, user: str) -> Completion:
+        return self.generate([self.render(user)])[0]
+
+    def generate(self, prompts: list[str]) -> list[Completion]:
+        """Greedy answers to rendered prompts, in order. batch_size 1 goes through HuggingFaceLLM one
+        prompt at a time; larger batches go through batched generate() with identical answers."""
+        if self.cfg.batch_size <= 1:
+            return [self._one(p) for p in prompts]
+        out: list[Completion | None] = [None] * len(prompts)
+        for batch in self.batches([len(self.tokenizer(p)["input_ids"]) for p in prompts]):
+            for i, completion in zip(batch, self._batch([prompts[i] for i in batch])):
+                out[i] = completion
+        return out  # type: ignore[return-value]
+
+    def batches(self, lengths: list[int]) -> list[list[int]]:
+        """Indices grouped longest first (least padding), each batch within the row and token budgets."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        batches: list[list[int]] = []
+        for i in order:
+            if batches:
+                cur = batches[-1]
+                rows = len(cur) + 1
+                longest = max(lengths[cur[0]], lengths[i]) + self.cfg.max_new_tokens
+                if rows <= self.cfg.batch_size and rows * longest <= self.cfg.max_batch_tokens:
+                    cur.append(i)
+                    continue
+            batches.append([i])
+        return batches
+
+    def _one(self, prompt: str) -> Completion:
         torch.manual_seed(self.cfg.seed)
-        prompt = self.render(user)
         started = time.perf_counter()
         with torch.inference_mode():
-            response = self.hf.complete(user)
+            response = self.hf.complete(prompt, formatted=True)
         seconds = time.perf_counter() - started
         prompt_tokens = len(self.tokenizer(prompt)["input_ids"])
         output = response.raw["model_output"][0]
         return Completion(text=response.text.strip(), prompt=prompt, prompt_tokens=prompt_tokens,
                           answer_tokens=int(output.shape[-1]) - prompt_tokens, seconds=seconds)
+
+    def _batch(self, prompts: list[str]) -> list[Completion]:
+        torch.manual_seed(self.cfg.seed)
+        encoded = [self.tokenizer(p)["input_ids"] for p in prompts]
+        width = max(len(ids) for ids in encoded)
+        pad = self.hf.generate_kwargs["pad_token_id"]
+        # Left padding: every row's last prompt token sits at the same position, where generation starts.
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=self.model.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=self.model.device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=self.cfg.max_new_tokens,
+                                      **self.hf.generate_kwargs)
+        seconds = (time.perf_counter() - started) / len(prompts)  # amortised per answer
+        results = []
+        stops = set(self.stop_ids)
+        for prompt, ids, row in zip(prompts, encoded, out[:, width:].tolist()):
+            # Each row stops at its own first stop id (finished rows are padded after it).
+            end = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
+            text = self.tokenizer.decode(row[:end], skip_special_tokens=True).strip()
+            results.append(Completion(text=text, prompt=prompt, prompt_tokens=len(ids), answer_tokens=end,
+                                      seconds=seconds))
+        return results
+
+    def fingerprint(self) -> dict:
+        """What determines an answer besides the prompt: the cache key's model part."""
+        location = Path(self.location)
+        return {"model": self.name, "revision": self.cfg.revision,
+                "weights": folder_fingerprint(location) if location.is_dir() else "",
+                "dtype": str(self.model.dtype), "device": self.device.split(":")[0],
+                "max_new_tokens": self.cfg.max_new_tokens, "do_sample": False, "stop_ids": self.stop_ids,
+                "seed": self.cfg.seed}
 
     def identity(self) -> dict[str, str | int | float | bool]:
         return {"llm": self.name, "llm_revision": self.cfg.revision, "llm_device": self.device,
@@ -136,4 +198,4 @@ def load_llm(profile: Profile) -> ChatLLM:
         ) from None
     model.to(device).eval()
     log.info("llm %s on %s (%s) loaded in %.1fs", cfg.model, device, dtype, time.perf_counter() - started)
-    return ChatLLM(cfg, model, tokenizer, cfg.model, device)
+    return ChatLLM(cfg, model, tokenizer, cfg.model, device, location)

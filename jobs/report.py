@@ -10,6 +10,7 @@ import json
 
 import pandas as pd
 
+from jobs.history import Comparison
 from jobs.scoring.summary import MODES, OVERALL
 
 
@@ -138,9 +139,32 @@ def header_table(info: dict) -> pd.DataFrame:
     return pd.DataFrame([{"": k, "value": v} for k, v in info.items()])
 
 
-def render(run_info: dict, header: dict, summary: dict, df: pd.DataFrame, extra_sections: list[str] = ()) -> str:
+def comparison_section(comp: Comparison) -> list[str]:
+    lines = [f"## Since the last run ({comp.baseline})", ""]
+    if comp.differences:
+        lines += ["Settings that differ (results may move for these reasons):", ""]
+        lines += [f"- {escape_cell(d)}" for d in comp.differences] + [""]
+    else:
+        lines += ["Same profile, models, corpus and prompts as the baseline.", ""]
+    if not comp.deltas.empty:
+        deltas = comp.deltas.copy()
+        for col in deltas.columns[2:]:
+            deltas[col] = deltas[col].map(lambda v: "–" if v is None or pd.isna(v) else f"{v:+.2f}")
+        lines += ["Change in each metric (now minus then):", "", _table(deltas), ""]
+    lines += [f"### Regressions ({len(comp.regressions)}): passed then, fail now", ""]
+    lines += [_table(comp.regressions) if len(comp.regressions) else "None.", ""]
+    lines += [f"### Fixed ({len(comp.fixed)}): failed then, pass now", ""]
+    lines += [_table(comp.fixed) if len(comp.fixed) else "None.", ""]
+    return lines
+
+
+def render(run_info: dict, header: dict, summary: dict, df: pd.DataFrame, comparison: Comparison | None = None,
+           figures: dict[str, str] | None = None) -> str:
     n_questions = int(df["id"].nunique()) if not df.empty else 0
     n_fail = sum(1 for _, r in df[df["mode"] == "rag"].iterrows() if _failed(r))
+    since = comparison_section(comparison) if comparison else ["## Since the last run", "",
+                                                               "No earlier finished run over these questions.", ""]
+    plots = [f"![{title}]({name})" for title, name in (figures or {}).items()]
     parts = [
         f"# RAG regression report · {run_info['run_id']}",
         "",
@@ -154,7 +178,11 @@ def render(run_info: dict, header: dict, summary: dict, df: pd.DataFrame, extra_
         "## Summary: bare vs RAG",
         _table(summary_table(summary)),
         "",
-        *extra_sections,
+        *plots[:1],
+        "",
+        *since,
+        *plots[1:],
+        "",
         "## Latency",
         _table(latency_table(df)),
         "",

@@ -54,7 +54,7 @@ def ingested(tmp_path, corpus_dir, minilm_path, tiny_llm, minilm_embedder):
 
 def test_end_to_end_report_numbers_match_results_csv(ingested):
     profile = load_profile(str(ingested))
-    run, df, summary = evaluate(profile)
+    run, df, summary, _ = evaluate(profile)
     results = pd.read_csv(run.path / "results.csv")
     assert len(results) == 8 and set(results["mode"]) == {"bare", "rag"}
     assert results.groupby("id")["mode"].nunique().eq(2).all()

@@ -26,14 +26,16 @@ def test_offline_profile_end_to_end(tmp_path):
     summary = ingest(profile)
     assert summary.chunks > 5 and summary.max_chunk_tokens <= 96
 
-    run, df, result = evaluate(profile, questions=MINI_QUESTIONS)
+    run, df, result, _ = evaluate(profile, questions=MINI_QUESTIONS)
     rag = df[df["mode"] == "rag"]
-    # e5 retrieves the fixture sources, and SmolLM2 answers in words (not gibberish, not empty).
+    # e5 retrieves the fixture sources, and SmolLM2 answers every question.
     assert rag["hit_at_5"].mean() == 1.0
-    assert all(len(a.split()) >= 3 for a in df["answer"])
+    assert all(a.strip() for a in df["answer"])
     assert result["overall"]["rag"]["keyword_hit_rate"] == pytest.approx(
         pd.read_csv(run.path / "results.csv").query("mode == 'rag'")["keyword_hit_rate"].mean())
-    # With the config page in its context, the model can quote the learning rate; bare cannot know it.
+    # With the config page in its context, the model quotes the learning rate; bare cannot know it.
     t1 = rag.set_index("id").loc["t1"]
-    assert "docs/en/config.md" in t1["retrieved"]
+    assert "docs/en/config.md" in t1["retrieved"] and "3e-4" in t1["answer"]
+    assert t1["keyword_hit_rate"] >= 0.5
+    assert "3e-4" not in df[(df["mode"] == "bare") & (df["id"] == "t1")]["answer"].iloc[0]
     assert (run.path / "report.md").read_text(encoding="utf-8").count("| t") >= 4

@@ -68,28 +68,31 @@ def test_internlm2_stop_ids_and_greedy_settings(internlm2_llm):
     assert internlm2_llm.identity()["stop_ids"] == "2,92542"
 
 
-def test_bare_and_rag_reach_the_model_in_the_same_chat_format(internlm2_llm):
+@pytest.mark.parametrize("batch_size", [1, 4], ids=["HuggingFaceLLM.complete", "batched generate"])
+def test_bare_and_rag_reach_the_model_in_the_same_chat_format(internlm2_llm, batch_size, monkeypatch):
     bare = bare_user_message("what is xtuner ?")
     rag = rag_user_message("what is xtuner ?", [("README.md", "XTuner", "XTuner V1 is a training engine.")])
+    monkeypatch.setattr(internlm2_llm, "cfg", dataclasses.replace(internlm2_llm.cfg, batch_size=batch_size))
     sent: list[str] = []
-    real = internlm2_llm.hf._tokenizer.__call__
+    tokenizer = internlm2_llm.tokenizer
 
     class Spy:
+        """Records every text tokenized on its way to the model."""
+
         def __call__(self, text, *a, **k):
             sent.append(text)
-            return real(text, *a, **k)
+            return tokenizer(text, *a, **k)
 
         def __getattr__(self, name):
-            return getattr(internlm2_llm.tokenizer, name)
+            return getattr(tokenizer, name)
 
-    internlm2_llm.hf._tokenizer = Spy()
+    internlm2_llm.hf._tokenizer = internlm2_llm.tokenizer = Spy()
     try:
-        bare_out = internlm2_llm.complete(bare)
-        rag_out = internlm2_llm.complete(rag)
+        bare_out, rag_out = internlm2_llm.generate([internlm2_llm.render(bare), internlm2_llm.render(rag)])
     finally:
-        internlm2_llm.hf._tokenizer = internlm2_llm.tokenizer
-    # What the model received is exactly the rendered chat prompt, in both modes...
-    assert sent == [bare_out.prompt, rag_out.prompt]
+        internlm2_llm.hf._tokenizer = internlm2_llm.tokenizer = tokenizer
+    # What was tokenized for the model is exactly the rendered chat prompt, in both modes...
+    assert set(sent) == {bare_out.prompt, rag_out.prompt}
     prefix = bare_out.prompt.split("<|im_start|>user\n")[0]
     # ...with the same system turn and the same assistant opening; only the user content differs.
     assert rag_out.prompt.startswith(prefix + "<|im_start|>user\n")

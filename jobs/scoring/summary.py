@@ -43,9 +43,9 @@ def summarise(df: pd.DataFrame) -> dict:
 
 
 def metric(summary: dict, key: str) -> float | None:
-    """`rag.keyword_hit_rate`, `bare.abstention`, or `delta.keyword_hit_rate` (rag minus bare), overall."""
+    """`rag.keyword_hit_rate`, `bare.abstention`, or `gain.keyword_hit_rate` (RAG minus bare), overall."""
     mode, _, name = key.partition(".")
-    if mode == "delta":
+    if mode == "gain":
         a, b = metric(summary, f"rag.{name}"), metric(summary, f"bare.{name}")
         return None if a is None or b is None else a - b
     value = summary[OVERALL].get(mode, {}).get(name)

@@ -1,0 +1,135 @@
+"""Run history: the history table, the baseline run, and what changed since it.
+
+A run compares with the newest earlier finished run over the same question file (or ``--baseline``),
+says which settings differ, gives metric deltas per category and overall, and lists each question
+that went from pass to fail (regressions) or back (fixed). Pass = all expected keywords found, or
+for a negative question, an abstention.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from jobs.errors import JobError
+from jobs.results import RUN_INFO, SUMMARY, RunDir, atomic_write
+from jobs.scoring.summary import MODES, OVERALL, metric
+
+HISTORY = "history.csv"
+# (column, metric key) of the headline numbers kept per run.
+HEADLINE = (
+    ("bare_keyword_hit", "bare.keyword_hit_rate"),
+    ("rag_keyword_hit", "rag.keyword_hit_rate"),
+    ("rag_gain", "gain.keyword_hit_rate"),
+    ("rag_all_keywords", "rag.all_keywords_hit"),
+    ("rag_hit_at_5", "rag.hit_at_5"),
+    ("rag_mrr", "rag.mrr"),
+    ("rag_abstention", "rag.abstention"),
+)
+DELTA_METRICS = ("keyword_hit_rate", "all_keywords_hit", "abstention", "hit_at_1", "hit_at_5", "mrr")
+# Settings whose change explains a change in results; named in the report when they differ.
+COMPARED = ("profile", "llm", "llm_revision", "llm_dtype", "llm_device", "embedder", "retrieval", "corpus_commit",
+            "prompt_version", "max_new_tokens", "store")
+
+
+def append_history(reports_dir: Path, run: RunDir, header: dict, summary: dict) -> pd.DataFrame:
+    row = {"run": run.run_id, "finished": header.get("finished"), "profile": header.get("profile"),
+           "llm": header.get("llm"), "embedder": header.get("embedder"),
+           "corpus_commit": str(header.get("corpus_commit", ""))[:12],
+           "questions_sha256": run.info().get("questions_sha256", "")[:12],
+           "n": summary[OVERALL]["rag"]["n"], "wall_s": header.get("wall_s"),
+           "cached_answers": header.get("answers from cache")}
+    row.update({col: metric(summary, key) for col, key in HEADLINE})
+    path = reports_dir / HISTORY
+    old = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    if not old.empty:
+        old = old[old["run"] != run.run_id]  # a resumed run replaces its row
+    table = pd.concat([old, pd.DataFrame([row])], ignore_index=True)
+    atomic_write(path, table.to_csv(index=False))
+    return table
+
+
+def find_baseline(reports_dir: Path, current: RunDir, explicit: str | None) -> RunDir | None:
+    if explicit:
+        path = Path(explicit) if Path(explicit).is_dir() else reports_dir / explicit
+        if not (path / SUMMARY).is_file():
+            raise JobError(f"--baseline {explicit}: no finished run at {path} (no {SUMMARY})")
+        return RunDir(path)
+    sha = current.info().get("questions_sha256")
+    for path in sorted((p for p in reports_dir.iterdir() if p.is_dir()), reverse=True):
+        if path == current.path or path.name > current.run_id or not (path / SUMMARY).is_file():
+            continue
+        info = json.loads((path / RUN_INFO).read_text(encoding="utf-8"))
+        if info.get("questions_sha256") == sha:
+            return RunDir(path)
+    return None
+
+
+@dataclass
+class Comparison:
+    baseline: str
+    differences: list[str]
+    deltas: pd.DataFrame
+    regressions: pd.DataFrame
+    fixed: pd.DataFrame
+    summary: dict
+
+    def change(self, current: dict, key: str) -> float | None:
+        """`rag.keyword_hit_rate` now minus at the baseline (overall)."""
+        a, b = metric(current, key), metric(self.summary, key)
+        return None if a is None or b is None else a - b
+
+
+def passed(row: pd.Series) -> bool:
+    if row["category"] == "negative":
+        return bool(row["abstained"])
+    return bool(row["all_keywords_hit"]) and not pd.isna(row["all_keywords_hit"])
+
+
+def _sources(retrieved: object) -> str:
+    items = json.loads(retrieved) if isinstance(retrieved, str) and retrieved else []
+    return "\n".join(f"{h['score']:.3f} {h['path']}" for h in items)
+
+
+def compare(header: dict, df: pd.DataFrame, summary: dict, baseline: RunDir) -> Comparison:
+    base_summary = json.loads((baseline.path / SUMMARY).read_text(encoding="utf-8"))
+    base_header = base_summary.get("run", {})
+    base_df = pd.read_json(baseline.path / "results.jsonl", lines=True, dtype=False)
+    differences = [f"{k}: {base_header.get(k)!s} → {header.get(k)!s}" for k in COMPARED
+                   if str(base_header.get(k)) != str(header.get(k))]
+
+    rows = []
+    groups = sorted(set(summary["by_category"]) | set(base_summary["by_category"]))
+    for name in [*groups, OVERALL]:
+        now = summary[OVERALL] if name == OVERALL else summary["by_category"].get(name, {})
+        then = base_summary[OVERALL] if name == OVERALL else base_summary["by_category"].get(name, {})
+        for mode in MODES:
+            row = {"category": name, "mode": mode}
+            for m in DELTA_METRICS:
+                a, b = now.get(mode, {}).get(m), then.get(mode, {}).get(m)
+                row[m] = None if a is None or b is None else a - b
+            if any(row[m] is not None for m in DELTA_METRICS):
+                rows.append(row)
+    deltas = pd.DataFrame(rows)
+
+    before = base_df.set_index(["id", "mode"])
+    flips = []
+    for _, r in df.iterrows():
+        key = (r["id"], r["mode"])
+        if key not in before.index:
+            continue
+        b = before.loc[key]
+        was, now = passed(b), passed(r)
+        if was != now:
+            flips.append({"kind": "fixed" if now else "regression", "id": r["id"], "mode": r["mode"],
+                          "category": r["category"], "question": r["question"],
+                          "answer before": b["answer"], "answer now": r["answer"],
+                          "sources before": _sources(b.get("retrieved")), "sources now": _sources(r.get("retrieved"))})
+    flips_df = pd.DataFrame(flips, columns=["kind", "id", "mode", "category", "question", "answer before",
+                                            "answer now", "sources before", "sources now"])
+    regressions = flips_df[flips_df["kind"] == "regression"].drop(columns="kind")
+    fixed = flips_df[flips_df["kind"] == "fixed"].drop(columns="kind")
+    return Comparison(baseline.run_id, differences, deltas, regressions, fixed, base_summary)

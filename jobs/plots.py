@@ -1,0 +1,92 @@
+"""Plots for the report (matplotlib, headless): PNG files next to report.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: nightly jobs have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from jobs.scoring.retrieval import hit_at  # noqa: E402
+from jobs.scoring.summary import OVERALL  # noqa: E402
+
+BARE, RAG = "#9e9e9e", "#1f77b4"
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def category_bars(summary: dict, path: Path) -> Path:
+    """Bare vs RAG keyword hit rate per category (negatives: abstention rate)."""
+    names = sorted(summary["by_category"]) + [OVERALL]
+    bare, rag, labels = [], [], []
+    for name in names:
+        group = summary[OVERALL] if name == OVERALL else summary["by_category"][name]
+        key = "abstention" if name == "negative" else "keyword_hit_rate"
+        bare.append(group.get("bare", {}).get(key) or 0.0)
+        rag.append(group.get("rag", {}).get(key) or 0.0)
+        labels.append(f"{name}\n(abstention)" if name == "negative" else name)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names)), 3.6))
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], bare, width=0.4, label="bare", color=BARE)
+    ax.bar([i + 0.2 for i in x], rag, width=0.4, label="RAG", color=RAG)
+    for i, (b, r) in enumerate(zip(bare, rag)):
+        ax.text(i - 0.2, b + 0.02, f"{b:.2f}", ha="center", fontsize=8)
+        ax.text(i + 0.2, r + 0.02, f"{r:.2f}", ha="center", fontsize=8)
+    ax.set_xticks(list(x), labels, fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("keyword hit rate")
+    ax.set_title("Bare vs RAG by category")
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def trend(history: pd.DataFrame, path: Path) -> Path:
+    """Headline metrics across runs; a single run still draws as labelled points."""
+    series = [("rag_keyword_hit", "RAG keyword hit", RAG, "-"), ("bare_keyword_hit", "bare keyword hit", BARE, "-"),
+              ("rag_hit_at_5", "RAG hit@5", "#2ca02c", "--"), ("rag_mrr", "RAG MRR", "#ff7f0e", "--")]
+    runs = history["run"].astype(str).tolist()
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(runs) + 4), 3.6))
+    x = list(range(len(runs)))
+    for col, label, color, style in series:
+        if col in history:
+            ax.plot(x, pd.to_numeric(history[col], errors="coerce"), style, marker="o", color=color, label=label)
+    ax.set_xticks(x, [r[:15] for r in runs], rotation=30, ha="right", fontsize=7)
+    ax.set_xlim(-0.5, len(runs) - 0.5)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"Headline metrics over {len(runs)} run(s)")
+    ax.legend(loc="lower left", fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def recall_curve(df: pd.DataFrame, path: Path, max_k: int = 10) -> Path:
+    """File-level hit@k for k = 1..max_k over the questions with expected sources."""
+    rag = df[(df["mode"] == "rag") & (df["expected_sources"].astype(str) != "")]
+    ks = list(range(1, max_k + 1))
+    values = []
+    for k in ks:
+        hits = [hit_at(json.loads(r["ranked_files"]), str(r["expected_sources"]).split("|"), k)
+                for _, r in rag.iterrows()]
+        values.append(sum(hits) / len(hits) if hits else 0.0)
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.plot(ks, values, marker="o", color=RAG)
+    for k, v in zip(ks, values):
+        ax.annotate(f"{v:.2f}", (k, v), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.set_xticks(ks)
+    ax.set_ylim(0, 1.1)
+    ax.set_xlabel("k (files)")
+    ax.set_ylabel("hit@k")
+    ax.set_title(f"Retrieval recall, {len(rag)} questions")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

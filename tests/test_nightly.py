@@ -1,0 +1,119 @@
+"""Nightly operation: generation cache, run history, comparison with the last run, plots, alerts."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from jobs import eval as ev
+from jobs.config import load_profile
+from jobs.ingest import ingest
+from jobs.llm import ChatLLM
+from tests.test_eval import eval_profile
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def profile_path(tmp_path, corpus_dir, minilm_path, tiny_llm, minilm_embedder):
+    path = eval_profile(tmp_path, corpus_dir, minilm_path, tiny_llm)
+    ingest(load_profile(str(path)), embedder=minilm_embedder)
+    return path
+
+
+@pytest.fixture
+def model_calls(monkeypatch):
+    """Counts prompts that reach the model (cache misses), through the real generate()."""
+    calls: list[str] = []
+    real = ChatLLM.generate
+
+    def counting(self, prompts):
+        calls.extend(prompts)
+        return real(self, prompts)
+
+    monkeypatch.setattr(ChatLLM, "generate", counting)
+    return calls
+
+
+def set_cached_answer(profile, run, qid: str, mode: str, text: str) -> None:
+    """Rewrite the cache entry behind one answer of `run` (found by its prompt's hash)."""
+    rec = pd.read_csv(run.path / "results.csv").set_index(["id", "mode"]).loc[(qid, mode)]
+    for path in (profile.paths.cache / "generations").rglob("*.json"):
+        entry = json.loads(path.read_text(encoding="utf-8"))
+        if entry["prompt_sha1"] == rec["prompt_sha1"]:
+            path.write_text(json.dumps({**entry, "text": text}), encoding="utf-8")
+            return
+    raise AssertionError(f"no cache entry for {qid}/{mode}")
+
+
+def test_second_identical_run_generates_nothing(profile_path, model_calls):
+    profile = load_profile(str(profile_path))
+    first, df1, _, comp1 = ev.evaluate(profile)
+    assert len(model_calls) == 8 and comp1 is None
+    second, df2, _, comp2 = ev.evaluate(profile)
+    assert len(model_calls) == 8  # not one more prompt reached the model
+    assert df2["cached"].all() and list(df2["answer"]) == list(df1["answer"])
+    summary = json.loads((second.path / "summary.json").read_text(encoding="utf-8"))
+    assert summary["run"]["answers from cache"] == 8 and summary["run"]["answers generated"] == 0
+    assert comp2 is not None and comp2.baseline == first.run_id
+    assert comp2.regressions.empty and comp2.fixed.empty and comp2.differences == []
+    report = (second.path / "report.md").read_text(encoding="utf-8")
+    assert f"## Since the last run ({first.run_id})" in report
+    history = pd.read_csv(profile.eval.reports_dir / "history.csv")
+    assert list(history["run"]) == [first.run_id, second.run_id]
+    for name in ("categories.png", "trend.png", "recall.png"):
+        assert (second.path / name).read_bytes().startswith(PNG) and f"]({name})" in report
+    assert (first.path / "trend.png").read_bytes().startswith(PNG)  # one run of history still plots
+
+    ev.evaluate(profile, use_cache=False)
+    assert len(model_calls) == 16  # --no-cache regenerates everything
+
+
+def test_prompt_or_decoding_change_invalidates_the_cache(profile_path, model_calls, monkeypatch):
+    profile = load_profile(str(profile_path))
+    ev.evaluate(profile)
+    ev.evaluate(load_profile(str(profile_path), {"llm.max_new_tokens": 5}))
+    assert len(model_calls) == 16
+    monkeypatch.setattr(ev, "PROMPT_VERSION", ev.PROMPT_VERSION + 1)
+    ev.evaluate(profile)
+    assert len(model_calls) == 24
+    ev.evaluate(load_profile(str(profile_path), {"llm.batch_size": 3}))  # batching does not change answers
+    assert len(model_calls) == 24
+
+
+def test_regressions_name_exactly_the_changed_question(profile_path, capsys):
+    profile = load_profile(str(profile_path))
+    seed_run, *_ = ev.evaluate(profile)
+    # Night 1: t2's RAG answer is right (its cache entry now says so); night 2: it is wrong again.
+    set_cached_answer(profile, seed_run, "t2", "rag", "Lumen 暂不支持原生 Windows，可以在 WSL2 中使用。")
+    night1, df1, s1, _ = ev.evaluate(profile)
+    assert df1.set_index(["id", "mode"]).loc[("t2", "rag"), "all_keywords_hit"]
+    set_cached_answer(profile, seed_run, "t2", "rag", "我不确定。")
+    night2, df2, s2, comp = ev.evaluate(profile)
+
+    assert comp.baseline == night1.run_id
+    assert list(zip(comp.regressions["id"], comp.regressions["mode"])) == [("t2", "rag")]
+    assert comp.fixed.empty
+    row = comp.regressions.iloc[0]
+    assert "WSL2" in row["answer before"] and row["answer now"] == "我不确定。"
+    assert "docs/zh_cn/faq.md" in row["sources now"]
+    # Deltas equal the ones recomputed from the two results files.
+    r1 = pd.read_csv(night1.path / "results.csv")
+    r2 = pd.read_csv(night2.path / "results.csv")
+    for cat in ("factual", "overall"):
+        sel1 = r1[(r1["mode"] == "rag") & ((r1["category"] == cat) | (cat == "overall"))]
+        sel2 = r2[(r2["mode"] == "rag") & ((r2["category"] == cat) | (cat == "overall"))]
+        got = comp.deltas.set_index(["category", "mode"]).loc[(cat, "rag"), "keyword_hit_rate"]
+        assert got == pytest.approx(sel2["keyword_hit_rate"].mean() - sel1["keyword_hit_rate"].mean())
+        assert got < 0
+    report = (night2.path / "report.md").read_text(encoding="utf-8")
+    assert "### Regressions (1)" in report and "| t2 " in report.split("### Regressions")[1].split("### Fixed")[0]
+
+    # Alerting on the change since the baseline; --baseline picks another run to compare with.
+    code = ev.main(["--profile", str(profile_path), "--fail-under", "change.rag.keyword_hit_rate=-0.05"])
+    assert code == 0  # night 3 equals night 2: no change
+    code = ev.main(["--profile", str(profile_path), "--baseline", night1.run_id,
+                    "--fail-under", "change.rag.keyword_hit_rate=-0.05"])
+    assert code == 3 and "FAIL: change.rag.keyword_hit_rate" in capsys.readouterr().err
