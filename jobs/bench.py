@@ -59,12 +59,70 @@ def seed_way(corpus: Path, files: list[str], embedder, questions: Path, depth: i
             "max_tokens": max(tokens), "chunk_size": Settings.chunk_size, "retrieval": means}
 
 
+def encoder_flops_per_token(config, seq_len: float) -> float:
+    """Forward FLOPs per token of a BERT-style encoder: 2 x matmul weights, plus attention scores."""
+    h, layers, ff = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    weights = layers * (4 * h * h + 2 * h * ff)
+    attention = layers * 2 * seq_len * h  # QK^T and AV, per token
+    return 2.0 * (weights + attention)
+
+
+def matmul_rate(n: int = 1024, repeats: int = 20) -> float:
+    """FLOP/s of fp32 matmul on this machine, with torch's threads as configured (best of a few)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            torch.matmul(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 * repeats / best
+
+
+def eval_speed(profile, embedder, questions: Path, max_new_tokens: int, batch_size: int) -> dict:
+    """Sequential (HuggingFaceLLM, one prompt at a time) vs batched generation of the same prompts."""
+    from jobs.llm import load_llm
+    from jobs.prompts import bare_user_message, rag_user_message
+    from jobs.retrieval import StoreRetriever
+
+    qs = load_questions(questions).questions
+    llm_cfg = dataclasses.replace(profile.llm, max_new_tokens=max_new_tokens, batch_size=1)
+    one = load_llm(dataclasses.replace(profile, llm=llm_cfg))
+    latencies, prompts = [], []
+    with StoreRetriever(profile, embedder) as retriever:
+        retriever.retrieve(qs[0].question, profile.retrieval.check_depth)  # warm-up
+        for q in qs:
+            started = time.perf_counter()
+            hits = retriever.retrieve(q.question, profile.retrieval.check_depth)
+            latencies.append(time.perf_counter() - started)
+            context = [(h.path, h.heading, h.text) for h in hits[: profile.retrieval.top_k]]
+            prompts += [one.render(bare_user_message(q.question)),
+                        one.render(rag_user_message(q.question, context, q.language))]
+    started = time.perf_counter()
+    sequential = one.generate(prompts)
+    seq_s = time.perf_counter() - started
+    many = one.__class__(dataclasses.replace(llm_cfg, batch_size=batch_size), one.model, one.tokenizer, one.name,
+                         one.device, one.location)
+    started = time.perf_counter()
+    batched = many.generate(prompts)
+    bat_s = time.perf_counter() - started
+    same = sum(a.text == b.text for a, b in zip(sequential, batched))
+    lat = pd.Series(latencies)
+    return {"questions": len(qs), "prompts": len(prompts), "sequential_s": seq_s, "batched_s": bat_s,
+            "same": same, "tokens": sum(c.answer_tokens for c in batched), "batch_size": batch_size,
+            "retrieve_p50": lat.quantile(0.5), "retrieve_p95": lat.quantile(0.95), "device": one.device}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--profile", default="offline")
     p.add_argument("--corpus-dir", type=Path, default=ROOT.parent / "shared/corpora/xtuner")
     p.add_argument("--questions", type=Path, default=None)
     p.add_argument("--out", type=Path, default=ROOT / "bench/results")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="answer length in the generation benchmark")
+    p.add_argument("--batch-size", type=int, default=None, help="batched generation rows (default: the profile's)")
+    p.add_argument("--skip-eval", action="store_true", help="ingest and retrieval only")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     joblog.setup(args.verbose)
@@ -94,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = load_manifest(profile.corpus)
         files = list(select_files(corpus, manifest.include, manifest.exclude))
         seed = seed_way(corpus, files, embedder, questions, profile.retrieval.check_depth)
+        gen = None if args.skip_eval else eval_speed(profile, embedder, questions, args.max_new_tokens,
+                                                     args.batch_size or max(2, profile.llm.batch_size))
         rows.append(("seed way (SimpleDirectoryReader + from_documents)", seed["seconds"], seed["chunks"],
                      f"{seed['chunks']} chunks of {seed['chunk_size']} tokens, {seed['truncated']} truncated "
                      f"(longest {seed['max_tokens']} > window {embedder.window})"))
@@ -109,6 +169,31 @@ def main(argv: list[str] | None = None) -> int:
         {"pipeline": f"seed way ({seed['chunk_size']}-token chunks, {seed['chunks']} chunks)",
          **_fmt(seed["retrieval"])},
     ])
+    config = embedder.model._model[0].auto_model.config
+    mean_len = full.embed_tokens / max(full.embedded, 1)
+    flops = encoder_flops_per_token(config, mean_len)
+    rate = matmul_rate()
+    bound = rate / flops
+    achieved = full.embed_tokens / full.embed_seconds if full.embed_seconds else 0.0
+    eval_lines: list[str] = []
+    if gen is not None:
+        qps_seq, qps_bat = gen["questions"] / gen["sequential_s"], gen["questions"] / gen["batched_s"]
+        eval_lines = [
+            f"## Eval generation ({gen['questions']} questions = {gen['prompts']} prompts, bare + RAG, greedy, "
+            f"{args.max_new_tokens} new tokens, {gen['device']})",
+            pd.DataFrame([
+                {"mode": "sequential (HuggingFaceLLM.complete, one prompt at a time)",
+                 "seconds": f"{gen['sequential_s']:.1f}", "questions/s": f"{qps_seq:.3f}", "× sequential": "1.00"},
+                {"mode": f"batched (batch {gen['batch_size']}, length-sorted, left-padded)",
+                 "seconds": f"{gen['batched_s']:.1f}", "questions/s": f"{qps_bat:.3f}",
+                 "× sequential": f"{qps_bat / qps_seq:.2f}"},
+            ]).to_markdown(index=False, disable_numparse=True),
+            "",
+            f"Identical answers: {gen['same']} of {gen['prompts']}. Retrieval latency p50 "
+            f"{gen['retrieve_p50'] * 1000:.0f} ms, p95 {gen['retrieve_p95'] * 1000:.0f} ms (embed the question + "
+            "Chroma top-k).",
+            "",
+        ]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     text = "\n".join([
         f"# Benchmark {stamp}",
@@ -123,6 +208,14 @@ def main(argv: list[str] | None = None) -> int:
         f"Full ingest: {full.chunks} chunks, {full.embedded / full.seconds:.1f} chunks/s. Unchanged re-ingest "
         f"took {same.seconds / full.seconds:.1%} of a full ingest (target ≤ 3%).",
         "",
+        "## Embedding throughput against the machine's bound",
+        f"{embedder.name}: {flops / 1e6:.1f} MFLOP per token at the mean embedded length of {mean_len:.0f} tokens "
+        f"(hidden {config.hidden_size}, {config.num_hidden_layers} layers, FFN {config.intermediate_size}). "
+        f"fp32 matmul here: {rate / 1e9:.1f} GFLOP/s, so the bound is {bound:,.0f} tokens/s. Full ingest embedded "
+        f"{full.embed_tokens:,} tokens in {full.embed_seconds:.1f} s = {achieved:,.0f} tokens/s, "
+        f"{achieved / bound:.0%} of the bound.",
+        "",
+        *eval_lines,
         f"## Retrieval (file-level, {n} questions with expected sources)",
         retrieval.to_markdown(index=False, disable_numparse=True),
         "",

@@ -222,6 +222,29 @@ def parse_override(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A profile's table; `extends = "other"` starts from that profile and overrides it table by table."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise JobError(f"{path}: not valid TOML: {exc}") from None
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    parent_path = profile_path(str(parent))
+    if parent_path in seen or parent_path == path:
+        raise JobError(f"{path}: `extends` loops back to {parent_path.name}")
+    if not parent_path.is_file():
+        raise JobError(f"{path}: extends unknown profile {parent!r}")
+    merged = _read_toml(parent_path, (*seen, path))
+    for key, value in raw.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_profile(name_or_path: str, overrides: dict[str, object] | None = None) -> Profile:
     """Read a profile and apply ``section.key`` overrides; every problem is one clear JobError."""
     path = profile_path(name_or_path)
@@ -229,10 +252,7 @@ def load_profile(name_or_path: str, overrides: dict[str, object] | None = None) 
         raise JobError(
             f"profile {name_or_path!r} not found ({path}); available: {', '.join(available_profiles())}"
         )
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise JobError(f"{path}: not valid TOML: {exc}") from None
+    raw = _read_toml(path)
 
     for key, value in (overrides or {}).items():
         if value is None:

@@ -44,6 +44,8 @@ class IngestSummary:
     unchanged: int = 0
     relabelled: int = 0  # metadata changed (e.g. heading, commit), vector kept
     embedded: int = 0
+    embed_seconds: float = 0.0
+    embed_tokens: int = 0  # tokens the embedder read (prefix and special tokens included)
     seconds: float = 0.0
     rebuilt: bool = False
     wrote: bool = False
@@ -230,8 +232,12 @@ def _write(store_path: Path, name: str, live: Path | None, plan: Plan, commit: s
             found = coll.get(where={"text_sha": {"$in": need}}, include=["metadatas", "embeddings"])
             for meta, emb in zip(found["metadatas"], found["embeddings"]):
                 reusable[str(meta["text_sha"])] = [float(x) for x in emb]
-    texts = sorted({ch.text_sha: ch.text for ch in plan.write if ch.text_sha not in reusable}.items())
+    new = {ch.text_sha: ch for ch in plan.write if ch.text_sha not in reusable}
+    texts = sorted((sha, ch.text) for sha, ch in new.items())
+    started = time.perf_counter()
     vectors = dict(zip((sha for sha, _ in texts), embedder.embed_passages([t for _, t in texts])))
+    summary.embed_seconds = time.perf_counter() - started
+    summary.embed_tokens = sum(ch.n_tokens for ch in new.values())
     summary.embedded = len(texts)
     vectors.update(reusable)
 
