@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from jobs.config import Profile
+from jobs.config import RETRIEVAL_MODES, Profile
 from jobs.embedding import Embedder, load_embedder
 from jobs.errors import JobError
 from jobs.questions import load_questions
@@ -14,14 +14,14 @@ from jobs.retrieval import StoreRetriever
 from jobs.scoring.retrieval import file_ranking, format_line, scores
 
 
-def retrieval_scores(profile: Profile, questions_csv: Path, embedder: Embedder | None = None
-                     ) -> tuple[dict[str, float], int]:
+def retrieval_scores(profile: Profile, questions_csv: Path, embedder: Embedder | None = None,
+                     mode: str | None = None) -> tuple[dict[str, float], int]:
     qs = [q for q in load_questions(questions_csv).questions if q.expected_sources]
     if not qs:
         raise JobError(f"{questions_csv}: no question has expected_sources: nothing to check")
     embedder = embedder or load_embedder(profile)
     per_question = []
-    with StoreRetriever(profile, embedder) as retriever:
+    with StoreRetriever(profile, embedder, mode) as retriever:
         for q in tqdm(qs, desc="check", unit="q", leave=False):
             hits = retriever.retrieve(q.question, profile.retrieval.check_depth)
             per_question.append(scores(file_ranking(h.path for h in hits), q.expected_sources))
@@ -29,6 +29,12 @@ def retrieval_scores(profile: Profile, questions_csv: Path, embedder: Embedder |
     return means, len(qs)
 
 
-def run_check(profile: Profile, questions_csv: Path, embedder: Embedder | None = None) -> str:
-    means, n = retrieval_scores(profile, questions_csv, embedder)
-    return f"{format_line(means)} (n={n})"
+def run_check(profile: Profile, questions_csv: Path, embedder: Embedder | None = None) -> list[str]:
+    """One line per retrieval mode, the profile's own marked, so the comparison is one command away."""
+    embedder = embedder or load_embedder(profile)
+    lines = []
+    for mode in RETRIEVAL_MODES:
+        means, n = retrieval_scores(profile, questions_csv, embedder, mode)
+        mark = " (profile default)" if mode == profile.retrieval.mode else ""
+        lines.append(f"{mode:<7} {format_line(means)} (n={n}){mark}")
+    return lines

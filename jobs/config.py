@@ -56,8 +56,15 @@ class StoreConfig:
     collection: str = "xtuner_docs"
 
 
+RETRIEVAL_MODES = ("dense", "bm25", "hybrid")
+
+
 @dataclass(frozen=True)
 class RetrievalConfig:
+    # dense: embeddings in Chroma; bm25: the lexical index beside them; hybrid: both, fused by
+    # reciprocal rank fusion (rrf_k dampens the weight of top ranks).
+    mode: str = "hybrid"
+    rrf_k: int = 60
     top_k: int = 3
     # How many chunks a retrieval check reads to rank files (file-level hit@k needs > k chunks).
     check_depth: int = 20
@@ -294,6 +301,8 @@ def _validate(p: Profile, where: str) -> None:
         raise JobError(f"{where} [chunking].overlap={c.overlap}: must be >= 0 and < size/2 ({c.size // 2})")
     if c.code_max_lines < 1:
         raise JobError(f"{where} [chunking].code_max_lines must be >= 1")
+    if p.retrieval.mode not in RETRIEVAL_MODES:
+        raise JobError(f"{where} [retrieval].mode={p.retrieval.mode!r}: expected one of {', '.join(RETRIEVAL_MODES)}")
     if p.retrieval.top_k < 1 or p.retrieval.check_depth < p.retrieval.top_k:
         raise JobError(f"{where} [retrieval]: need 1 <= top_k <= check_depth")
     if p.embedder.batch_size < 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,12 +26,15 @@ from jobs.config import Profile, load_profile, parse_override
 from jobs.documents import Document, read_document
 from jobs.embedding import Embedder, load_embedder
 from jobs.errors import JobError
+from jobs.lexical import TOKENIZER_VERSION, BM25Index
 from jobs.source import Checkout, fetch, load_manifest, source_from_override
 
 log = logging.getLogger("jobs.ingest")
 
 # Bump when chunking logic changes in a way that moves chunk boundaries: forces a rebuild.
 CHUNKER_VERSION = 1
+# What the lexical index beside the vectors is built with; a change rebuilds it (not the vectors).
+LEXICAL_VERSION = f"bm25 tokenizer v{TOKENIZER_VERSION}"
 
 
 @dataclass
@@ -154,6 +158,7 @@ def build_info(profile: Profile, embedder: Embedder, checkout: Checkout, manifes
         "code_max_lines": profile.chunking.code_max_lines,
         "min_doc_chars": profile.chunking.min_doc_chars,
         "chunker_version": CHUNKER_VERSION,
+        "lexical": LEXICAL_VERSION,
         "files": summary.files,
         "skipped": summary.skipped,
         "chunks": summary.chunks,
@@ -211,7 +216,8 @@ def ingest(profile: Profile, source: str | None = None, embedder: Embedder | Non
         if not plan.total:
             raise JobError(f"corpus {manifest.name} at {checkout.commit[:12]} gave no chunks")
         info = build_info(profile, embedder, checkout, manifest.url, summary)
-        if live is not None and plan.empty and all(old_info.get(k) == v for k, v in info.items()):
+        if live is not None and plan.empty and all(old_info.get(k) == v for k, v in info.items()) \
+                and (live / st.LEXICAL).is_dir():
             log.info("store %s is up to date at %s: nothing to write", store_path, checkout.commit[:12])
         else:
             info.update({"embedder_dim": embedder.dim, "embedder_window": embedder.window,
@@ -257,9 +263,16 @@ def _write(store_path: Path, name: str, live: Path | None, plan: Plan, commit: s
         for i in range(0, len(plan.relabel), 1000):
             batch = plan.relabel[i:i + 1000]
             coll.update(ids=[cid for cid, _ in batch], metadatas=[meta for _, meta in batch])
-        coll.modify(metadata=st.build_metadata(info))
         if coll.count() != plan.total:
             raise JobError(f"store check failed: {coll.count()} chunks stored, {plan.total} expected")
+        # The lexical index is rebuilt from exactly the chunks now in the store (ms for thousands), so
+        # it can never drift from the vectors; it is published with them in the same swap.
+        everything = coll.get(include=["documents"])
+        shutil.rmtree(gen / st.LEXICAL, ignore_errors=True)
+        lexical = BM25Index.build(list(everything["ids"]), list(everything["documents"]))
+        lexical.save(gen / st.LEXICAL)
+        info["lexical_docs"] = len(lexical)
+        coll.modify(metadata=st.build_metadata(info))
     final = st.publish(store_path, gen)
     summary.wrote = True
     st.collect_garbage(store_path)
@@ -308,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         from jobs.check import run_check
 
-        line = run_check(profile, Path(args.check), embedder)
-        print(line, flush=True)
+        for line in run_check(profile, Path(args.check), embedder):
+            print(line, flush=True)
     return 0
 
 

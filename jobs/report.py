@@ -127,7 +127,7 @@ def questions_table(df: pd.DataFrame) -> pd.DataFrame:
             "bare": _outcome(b) if b is not None else "",
             "RAG answer": r["answer"] if r is not None else "",
             "RAG": _outcome(r) if r is not None else "",
-            "top sources (cosine)": _sources(r["retrieved"]) if r is not None else "",
+            "top sources (score)": _sources(r["retrieved"]) if r is not None else "",
         })
     table = pd.DataFrame(rows)
     # Failures first (RAG missed a keyword or failed to abstain), then by id.

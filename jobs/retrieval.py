@@ -1,4 +1,8 @@
-"""Retrieval over the store through LlamaIndex (VectorStoreIndex over ChromaVectorStore)."""
+"""Retrieval over the store: dense (LlamaIndex over Chroma), lexical (BM25), or both fused (RRF).
+
+Dense and lexical retrievers fail on different questions (paraphrases vs exact identifiers, Chinese
+pages for English questions); reciprocal rank fusion keeps what each finds. The mode is a setting.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from llama_index.vector_stores.chroma import ChromaVectorStore
 from jobs import store as st
 from jobs.config import Profile
 from jobs.embedding import Embedder
+from jobs.errors import JobError
+from jobs.lexical import BM25Index, reciprocal_rank_fusion
 
 
 @dataclass(frozen=True)
@@ -19,7 +25,7 @@ class Hit:
     chunk_id: str
     path: str
     heading: str
-    score: float  # cosine similarity
+    score: float  # cosine (dense), BM25 score (bm25), or fused RRF score (hybrid)
     text: str
 
 
@@ -29,23 +35,58 @@ def _cosine(node: NodeWithScore) -> float:
 
 
 class StoreRetriever:
-    """Opens the live store (refusing another embedder's) and retrieves top-k chunks."""
+    """Opens the live store (refusing another embedder's) and retrieves top-k chunks in one mode."""
 
-    def __init__(self, profile: Profile, embedder: Embedder) -> None:
-        self.client, self.collection, self.build_info = st.open_for_query(
+    def __init__(self, profile: Profile, embedder: Embedder, mode: str | None = None) -> None:
+        self.mode = mode or profile.retrieval.mode
+        self.rrf_k = profile.retrieval.rrf_k
+        self.client, self.collection, self.build_info, live = st.open_for_query(
             profile.store.path, profile.store.collection, embedder.identity()
         )
+        self.lexical: BM25Index | None = None
+        if self.mode in ("bm25", "hybrid"):
+            try:
+                self.lexical = BM25Index.load(live / st.LEXICAL)
+            except ValueError as exc:
+                self.client.close()
+                raise JobError(f"store {profile.store.path} has no usable lexical index ({exc}); "
+                               "re-run `make ingest`") from None
         vector_store = ChromaVectorStore(chroma_collection=self.collection)
         self.index = VectorStoreIndex.from_vector_store(vector_store, embed_model=embedder.model)
 
-    def retrieve(self, question: str, k: int) -> list[Hit]:
+    def dense(self, question: str, k: int) -> list[Hit]:
         nodes = self.index.as_retriever(similarity_top_k=k).retrieve(question)
-        return [
-            Hit(chunk_id=n.node.node_id, path=str(n.node.metadata.get("path", "")),
-                heading=str(n.node.metadata.get("heading", "")), score=_cosine(n),
-                text=n.node.get_content())
-            for n in nodes
-        ]
+        return [Hit(chunk_id=n.node.node_id, path=str(n.node.metadata.get("path", "")),
+                    heading=str(n.node.metadata.get("heading", "")), score=_cosine(n), text=n.node.get_content())
+                for n in nodes]
+
+    def _fetch(self, scored: list[tuple[str, float]]) -> list[Hit]:
+        if not scored:
+            return []
+        page = self.collection.get(ids=[cid for cid, _ in scored], include=["documents", "metadatas"])
+        found = {cid: (doc, meta) for cid, doc, meta in zip(page["ids"], page["documents"], page["metadatas"])}
+        hits = []
+        for cid, score in scored:
+            if cid in found:
+                text, meta = found[cid]
+                hits.append(Hit(chunk_id=cid, path=str(meta.get("path", "")), heading=str(meta.get("heading", "")),
+                                score=score, text=text))
+        return hits
+
+    def bm25(self, question: str, k: int) -> list[Hit]:
+        assert self.lexical is not None
+        return self._fetch(self.lexical.search(question, k))
+
+    def hybrid(self, question: str, k: int) -> list[Hit]:
+        dense = self.dense(question, k)
+        lexical = self.bm25(question, k)
+        by_id = {h.chunk_id: h for h in lexical + dense}
+        fused = reciprocal_rank_fusion([[h.chunk_id for h in dense], [h.chunk_id for h in lexical]], k=self.rrf_k)
+        return [Hit(chunk_id=cid, path=by_id[cid].path, heading=by_id[cid].heading, score=score,
+                    text=by_id[cid].text) for cid, score in fused[:k]]
+
+    def retrieve(self, question: str, k: int) -> list[Hit]:
+        return getattr(self, self.mode)(question, k)
 
     def close(self) -> None:
         self.client.close()

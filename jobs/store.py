@@ -33,6 +33,7 @@ from jobs.errors import JobError
 log = logging.getLogger(__name__)
 
 BUILD_PREFIX = "build."
+LEXICAL = "lexical"  # the BM25 index's folder inside a generation
 # Settings whose change makes every stored vector or chunk boundary wrong: a full rebuild.
 REBUILD_KEYS = ("embedder", "embedder_dim", "embedder_window", "query_prefix", "passage_prefix",
                 "chunk_size", "chunk_overlap", "code_max_lines", "chunker_version")
@@ -179,8 +180,8 @@ def collect_garbage(store: Path, keep: int = 2) -> int:
     return removed
 
 
-def open_for_query(store: Path, collection: str, identity: dict) -> tuple[chromadb.ClientAPI, chromadb.Collection,
-                                                                          dict]:
+def open_for_query(store: Path, collection: str, identity: dict
+                   ) -> tuple[chromadb.ClientAPI, chromadb.Collection, dict, Path]:
     """Open the live generation read-only, refusing a store built by another embedder."""
     live = live_generation(store)
     if live is None:
@@ -193,7 +194,7 @@ def open_for_query(store: Path, collection: str, identity: dict) -> tuple[chroma
         c.close()
         what = ", ".join(f"{k}: store has {a!r}, query uses {b!r}" for k, (a, b) in mismatch.items())
         raise JobError(f"store {store} was built with another embedder ({what}); re-run `make ingest`")
-    return c, coll, info
+    return c, coll, info, live
 
 
 def build_metadata(info: dict) -> dict:

@@ -18,8 +18,13 @@ from jobs.config import ROOT, load_profile
 from jobs.embedding import Embedder, load_embedder
 from jobs.errors import JobError
 from jobs.ingest import ingest
+from jobs.lexical import BM25Index
 from jobs.retrieval import StoreRetriever
 from tests.conftest import MINI_QUESTIONS, write_manifest, write_profile
+
+
+def lexical_ids(profile) -> list[str]:
+    return BM25Index.load(st.live_generation(profile.store.path) / st.LEXICAL).ids
 
 
 def stored(profile) -> dict[str, dict]:
@@ -68,6 +73,8 @@ def test_edit_one_file_reembeds_only_it_and_delete_removes(mini_profile, minilm_
     assert not any(m["meta"]["path"] == "docs/en/config.md" for m in final.values())
     assert gone.removed == sum(1 for i in after if i.startswith("docs/en/config.md#")) > 0
     assert gone.embedded == 0
+    # The lexical index moves in step with the vectors: the very same chunk ids.
+    assert sorted(lexical_ids(mini_profile)) == sorted(final)
 
 
 def test_no_chunk_exceeds_the_window(tmp_path, corpus_dir, minilm_path, minilm_embedder):
@@ -180,7 +187,9 @@ def test_cli_summary_line_and_check(tmp_path, corpus_dir, minilm_path):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert lines[0].startswith("files=5 skipped=1 added=") and "embedded=" in lines[0]
-    assert lines[1].startswith("hit@1=") and "mrr=" in lines[1] and "(n=4)" in lines[1]
+    assert [x.split()[0] for x in lines[1:]] == ["dense", "bm25", "hybrid"]
+    assert all("hit@1=" in x and "hit@5=" in x and "mrr=" in x and "(n=4)" in x for x in lines[1:])
+    assert lines[3].endswith("(profile default)")
 
     bad = subprocess.run(_cli(prof, "--source", str(tmp_path / "absent")), cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
@@ -222,6 +231,7 @@ def test_kill_9_leaves_a_queryable_store_and_rerun_completes(tmp_path, corpus_di
         log.close()
         # Whatever the moment, the live store is the old one, whole and queryable.
         assert stored(profile) == v1
+        assert sorted(lexical_ids(profile)) == sorted(v1)
         with StoreRetriever(profile, minilm_embedder) as r:
             assert r.retrieve("learning rate", 3)
     assert "writing" in killed_in, "the kill never landed while the new generation was being written"
@@ -230,3 +240,25 @@ def test_kill_9_leaves_a_queryable_store_and_rerun_completes(tmp_path, corpus_di
     assert done.wrote and done.added > 0 and done.chunks == first.chunks + done.added
     assert not any(p.name.endswith(".tmp") for p in gens.iterdir())  # the stale copy was cleaned up
     assert len(stored(profile)) == done.chunks
+    assert sorted(lexical_ids(profile)) == sorted(stored(profile))
+
+
+def test_retrieval_modes_and_fusion(mini_profile, minilm_embedder):
+    ingest(mini_profile, embedder=minilm_embedder)
+    with StoreRetriever(mini_profile, minilm_embedder, "dense") as dense, \
+            StoreRetriever(mini_profile, minilm_embedder, "bm25") as bm25, \
+            StoreRetriever(mini_profile, minilm_embedder, "hybrid") as hybrid:
+        q = "How do I resume training with lumen train --resume?"
+        d, b, h = dense.retrieve(q, 5), bm25.retrieve(q, 5), hybrid.retrieve(q, 5)
+        assert b[0].path == "docs/zh_cn/faq.md" and "--resume" in b[0].text  # the exact identifier
+        both = {x.chunk_id for x in d} & {x.chunk_id for x in b}
+        only = ({x.chunk_id for x in d} | {x.chunk_id for x in b}) - both
+        ranks = {x.chunk_id: i for i, x in enumerate(h)}
+        # A chunk both retrievers found outranks any chunk only one of them found at the same or a worse rank.
+        assert both and all(ranks[c] < ranks.get(o, 99) for c in both for o in only
+                            if min(_rank(d, o), _rank(b, o)) >= max(_rank(d, c), _rank(b, c)))
+        assert [x.score for x in h] == sorted((x.score for x in h), reverse=True)
+
+
+def _rank(hits, chunk_id: str) -> int:
+    return next((i for i, x in enumerate(hits) if x.chunk_id == chunk_id), 99)

@@ -33,10 +33,17 @@ def _smollm2(out: Path) -> Path:
     return convert_smollm2(out)
 
 
+def _qwen(out: Path) -> Path:
+    from jobs.prepare.qwen_parts import convert_qwen
+
+    return convert_qwen(out, out.parent)
+
+
 # name after "prepared:" -> how to build it
 PREPARERS: dict[str, Callable[[Path], Path]] = {
     "multilingual-e5-small": _e5,
     "smollm2-135m-instruct": _smollm2,
+    "qwen2.5-coder-0.5b-instruct": _qwen,
 }
 
 
