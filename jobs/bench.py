@@ -25,9 +25,9 @@ from jobs import log as joblog
 from jobs.check import retrieval_scores
 from jobs.config import ROOT, load_profile
 from jobs.embedding import load_embedder
+from jobs.files import atomic_write
 from jobs.ingest import ingest
 from jobs.questions import load_questions
-from jobs.results import atomic_write
 from jobs.scoring.retrieval import file_ranking, format_line, scores
 from jobs.source import load_manifest, select_files
 

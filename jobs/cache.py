@@ -13,7 +13,7 @@ import json
 import logging
 from pathlib import Path
 
-from jobs.results import atomic_write
+from jobs.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,13 @@ from jobs.cache import GenerationCache
 from jobs.config import Profile, load_profile, parse_override
 from jobs.embedding import load_embedder
 from jobs.errors import JobError
+from jobs.files import atomic_write
 from jobs.history import Comparison, append_history, compare, find_baseline
 from jobs.llm import ChatLLM, Completion, load_llm
 from jobs.prompts import PROMPT_VERSION, bare_user_message, rag_user_message
 from jobs.questions import Question, QuestionSet, load_questions
 from jobs.report import render, summary_table
-from jobs.results import RunDir, atomic_write, point_latest
+from jobs.results import RunDir, point_latest
 from jobs.retrieval import StoreRetriever
 from jobs.scoring import keywords as kw
 from jobs.scoring.retrieval import file_ranking, scores

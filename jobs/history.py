@@ -15,7 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from jobs.errors import JobError
-from jobs.results import RUN_INFO, SUMMARY, RunDir, atomic_write
+from jobs.files import atomic_write
+from jobs.results import RUN_INFO, SUMMARY, RunDir
 from jobs.scoring.summary import MODES, OVERALL, metric
 
 HISTORY = "history.csv"

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from jobs.files import sha256_file
+
 if TYPE_CHECKING:
     import bm25s
 
@@ -216,7 +218,7 @@ class BM25Index:
         (folder / _META).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
         files = sorted(p.name for p in folder.iterdir())
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                    "files": {name: _sha256(folder / name) for name in files}}
+                    "files": {name: sha256_file(folder / name) for name in files}}
         (folder / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         return folder
 
@@ -236,7 +238,7 @@ class BM25Index:
             path = gdir / name
             if not path.is_file():
                 raise ValueError(f"{path}: missing from BM25 index (listed in {_MANIFEST})")
-            if _sha256(path) != digest:
+            if sha256_file(path) != digest:
                 raise ValueError(f"{path}: corrupt BM25 index file (checksum mismatch)")
         meta = _read_json(gdir / _META)
         if meta.get("format_version") != FORMAT_VERSION:
@@ -289,9 +291,3 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

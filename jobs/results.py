@@ -15,22 +15,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from jobs.errors import JobError
+from jobs.files import atomic_write
 
 log = logging.getLogger(__name__)
 
 PROGRESS = "progress.jsonl"
 RUN_INFO = "run.json"
 SUMMARY = "summary.json"
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write beside, fsync, rename: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class RunDir:

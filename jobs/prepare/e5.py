@@ -7,8 +7,6 @@ only a ctypes wrapper. Dequantising once to fp32 lets sentence-transformers run 
 
 from __future__ import annotations
 
-import glob
-import hashlib
 import importlib.util
 import json
 import logging
@@ -21,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from safetensors.numpy import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from jobs.files import remove_stale_tmp_dirs, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -413,32 +413,10 @@ def _write_folder(src: pathlib.Path, dst: pathlib.Path) -> None:
     )
 
 
-def _sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
-def _remove_stale_tmp_dirs(out_dir: pathlib.Path) -> None:
-    # Ours from an earlier run under a recycled pid, or a dead writer's; a live pid may be a
-    # concurrent conversion.
-    for tmp in out_dir.parent.glob(f"{glob.escape(out_dir.name)}.tmp-*"):
-        pid = tmp.name.rpartition(".tmp-")[2]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
-            logger.info("removing stale temporary folder %s", tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def convert_e5(out_dir: pathlib.Path) -> pathlib.Path:
@@ -449,13 +427,13 @@ def convert_e5(out_dir: pathlib.Path) -> pathlib.Path:
 
     src = source_path()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp_dirs(out_dir)
+    remove_stale_tmp_dirs(out_dir)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     tmp.mkdir()
     try:
         _write_folder(src, tmp)
         # Last, so that a folder with the marker is always whole.
-        (tmp / COMPLETE_MARKER).write_text(f"{_sha256(src)}  {src.name}\n")
+        (tmp / COMPLETE_MARKER).write_text(f"{sha256_file(src)}  {src.name}\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)  # no marker: a leftover of an interrupted, non-atomic writer
         try:

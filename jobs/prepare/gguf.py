@@ -7,7 +7,6 @@ seconds); doing it once and saving fp32 safetensors makes later loads take secon
 from __future__ import annotations
 
 import gc
-import hashlib
 import importlib.util
 import logging
 import os
@@ -15,6 +14,8 @@ import pathlib
 import shutil
 import time
 from dataclasses import dataclass
+
+from jobs.files import remove_stale_tmp_dirs, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -67,36 +68,10 @@ def find_package_file(package: str, relative: str) -> pathlib.Path:
     )
 
 
-def _sha256(path: pathlib.Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    except OverflowError:
-        return False
-    return True
 
 
-def _remove_stale_tmp_dirs(out_dir: pathlib.Path) -> None:
-    # Only dirs whose writer is gone: a live pid may be a concurrent conversion.
-    for tmp in out_dir.parent.glob(f"{out_dir.name}.tmp-*"):
-        pid_text = tmp.name.rsplit(".tmp-", 1)[1]
-        if not pid_text.isdigit():
-            continue
-        pid = int(pid_text)
-        if pid == os.getpid() or not _pid_alive(pid):
-            logger.info("removing stale temporary folder %s", tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -156,7 +131,7 @@ def convert_gguf(gguf_path: pathlib.Path, out_dir: pathlib.Path, *, tie_word_emb
     """
     gguf_path = pathlib.Path(gguf_path).resolve()
     out_dir = pathlib.Path(out_dir).resolve()
-    _remove_stale_tmp_dirs(out_dir)
+    remove_stale_tmp_dirs(out_dir)
     if (out_dir / COMPLETE_MARKER).is_file():
         return out_dir
     if not gguf_path.is_file():
@@ -182,7 +157,7 @@ def convert_gguf(gguf_path: pathlib.Path, out_dir: pathlib.Path, *, tie_word_emb
     tmp_dir = out_dir.parent / f"{out_dir.name}.tmp-{os.getpid()}"
     tmp_dir.mkdir()
     try:
-        sha256 = _sha256(gguf_path)
+        sha256 = sha256_file(gguf_path)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, torch_dtype=torch.float32
         )
