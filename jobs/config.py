@@ -65,6 +65,9 @@ class RetrievalConfig:
     # reciprocal rank fusion (rrf_k dampens the weight of top ranks).
     mode: str = "hybrid"
     rrf_k: int = 60
+    # Candidates each retriever contributes to the fusion: a file that one retriever ranks 30th can
+    # still be the other's first (measured on the public set: 20 -> hit@5 0.95, 50 -> 1.00).
+    fusion_depth: int = 50
     top_k: int = 3
     # How many chunks a retrieval check reads to rank files (file-level hit@k needs > k chunks).
     check_depth: int = 20

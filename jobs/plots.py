@@ -44,7 +44,7 @@ def category_bars(summary: dict, path: Path) -> Path:
         ax.text(i - 0.2, b + 0.02, f"{b:.2f}", ha="center", fontsize=8)
         ax.text(i + 0.2, r + 0.02, f"{r:.2f}", ha="center", fontsize=8)
     ax.set_xticks(list(x), labels, fontsize=8)
-    ax.set_ylim(0, 1.1)
+    ax.set_ylim(0, 1.15)
     ax.set_ylabel("keyword hit rate")
     ax.set_title("Bare vs RAG by category")
     ax.legend(loc="upper left", fontsize=8)
@@ -63,9 +63,10 @@ def trend(history: pd.DataFrame, path: Path) -> Path:
             ax.plot(x, pd.to_numeric(history[col], errors="coerce"), style, marker="o", color=color, label=label)
     ax.set_xticks(x, [r[:15] for r in runs], rotation=30, ha="right", fontsize=7)
     ax.set_xlim(-0.5, len(runs) - 0.5)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(-0.03, 1.05)
     ax.set_title(f"Headline metrics over {len(runs)} run(s)")
-    ax.legend(loc="lower left", fontsize=7, ncol=2)
+    # Outside the axes: equal series overlap, and a legend inside would hide the points near 0.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 

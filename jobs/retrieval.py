@@ -18,6 +18,7 @@ from jobs.config import Profile
 from jobs.embedding import Embedder
 from jobs.errors import JobError
 from jobs.lexical import BM25Index, reciprocal_rank_fusion
+from jobs.scoring.retrieval import file_ranking
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class Hit:
     chunk_id: str
     path: str
     heading: str
-    score: float  # cosine (dense), BM25 score (bm25), or fused RRF score (hybrid)
+    score: float  # cosine (dense), BM25 score (bm25), or the chunk's RRF score (hybrid)
     text: str
 
 
@@ -40,6 +41,7 @@ class StoreRetriever:
     def __init__(self, profile: Profile, embedder: Embedder, mode: str | None = None) -> None:
         self.mode = mode or profile.retrieval.mode
         self.rrf_k = profile.retrieval.rrf_k
+        self.fusion_depth = profile.retrieval.fusion_depth
         self.client, self.collection, self.build_info, live = st.open_for_query(
             profile.store.path, profile.store.collection, embedder.identity()
         )
@@ -78,12 +80,30 @@ class StoreRetriever:
         return self._fetch(self.lexical.search(question, k))
 
     def hybrid(self, question: str, k: int) -> list[Hit]:
-        dense = self.dense(question, k)
-        lexical = self.bm25(question, k)
-        by_id = {h.chunk_id: h for h in lexical + dense}
-        fused = reciprocal_rank_fusion([[h.chunk_id for h in dense], [h.chunk_id for h in lexical]], k=self.rrf_k)
-        return [Hit(chunk_id=cid, path=by_id[cid].path, heading=by_id[cid].heading, score=score,
-                    text=by_id[cid].text) for cid, score in fused[:k]]
+        """RRF over source files, then each file's best chunks in turn.
+
+        Fusing files rather than chunks keeps what each retriever is good at: chunks of *other* files
+        that both lists happen to contain would otherwise outvote one retriever's clear first file.
+        Taking files round-robin gives the model the best passage of each of the top files first.
+        """
+        depth = max(k, self.fusion_depth)
+        dense = self.dense(question, depth)
+        lexical = self.bm25(question, depth)
+        files = reciprocal_rank_fusion([file_ranking(h.path for h in dense), file_ranking(h.path for h in lexical)],
+                                       k=self.rrf_k)
+        chunk_score = dict(reciprocal_rank_fusion([[h.chunk_id for h in dense], [h.chunk_id for h in lexical]],
+                                                  k=self.rrf_k))
+        by_file: dict[str, list[Hit]] = {}
+        for h in {h.chunk_id: h for h in lexical + dense}.values():
+            by_file.setdefault(h.path, []).append(h)
+        queues = [sorted(by_file[path], key=lambda h: -chunk_score[h.chunk_id]) for path, _ in files]
+        out: list[Hit] = []
+        while len(out) < k and any(queues):
+            for queue in queues:
+                if queue and len(out) < k:
+                    h = queue.pop(0)
+                    out.append(Hit(h.chunk_id, h.path, h.heading, chunk_score[h.chunk_id], h.text))
+        return out
 
     def retrieve(self, question: str, k: int) -> list[Hit]:
         return getattr(self, self.mode)(question, k)
