@@ -23,7 +23,7 @@ import torch
 
 from jobs import log as joblog
 from jobs.check import retrieval_scores
-from jobs.config import ROOT, load_profile, parse_override
+from jobs.config import RETRIEVAL_MODES, ROOT, load_profile, parse_override
 from jobs.embedding import load_embedder
 from jobs.files import atomic_write
 from jobs.ingest import ingest
@@ -34,13 +34,18 @@ from jobs.source import load_manifest, select_files
 log = logging.getLogger("jobs.bench")
 
 
-def seed_way(corpus: Path, files: list[str], embedder, questions: Path, depth: int) -> dict:
-    """The seed tutorial: SimpleDirectoryReader + VectorStoreIndex.from_documents, defaults, in memory."""
+def seed_way(corpus: Path, files: list[str], embedder, questions: Path, depth: int,
+             chunk_size: int | None = None, chunk_overlap: int | None = None) -> dict:
+    """The seed tutorial: SimpleDirectoryReader + VectorStoreIndex.from_documents, in memory; defaults,
+    or LlamaIndex's SentenceSplitter at a given chunk size (tiktoken tokens, its default tokenizer)."""
     from llama_index.core import Settings, SimpleDirectoryReader, VectorStoreIndex
+    from llama_index.core.node_parser import SentenceSplitter
 
     started = time.perf_counter()
     docs = SimpleDirectoryReader(input_files=[str(corpus / f) for f in files]).load_data()
-    index = VectorStoreIndex.from_documents(docs, embed_model=embedder.model, show_progress=True)
+    splitter = [SentenceSplitter(chunk_size=chunk_size, chunk_overlap=chunk_overlap)] if chunk_size else None
+    index = VectorStoreIndex.from_documents(docs, embed_model=embedder.model, show_progress=True,
+                                            transformations=splitter)
     seconds = time.perf_counter() - started
     nodes = list(index.docstore.docs.values())
     window = embedder.window
@@ -56,7 +61,7 @@ def seed_way(corpus: Path, files: list[str], embedder, questions: Path, depth: i
             per_q.append(scores(file_ranking(paths), q.expected_sources))
     means = {k: sum(s[k] for s in per_q) / len(per_q) for k in per_q[0]}
     return {"seconds": seconds, "chunks": len(nodes), "truncated": sum(t > window for t in tokens),
-            "max_tokens": max(tokens), "chunk_size": Settings.chunk_size, "retrieval": means}
+            "max_tokens": max(tokens), "chunk_size": chunk_size or Settings.chunk_size, "retrieval": means}
 
 
 def encoder_flops_per_token(config, seq_len: float) -> float:
@@ -67,15 +72,21 @@ def encoder_flops_per_token(config, seq_len: float) -> float:
     return 2.0 * (weights + attention)
 
 
-def matmul_rate(n: int = 1024, repeats: int = 20) -> float:
-    """FLOP/s of fp32 matmul on this machine, with torch's threads as configured (best of a few)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_rate(device: str = "cpu", n: int = 1024, repeats: int = 20) -> float:
+    """FLOP/s of fp32 matmul on the embedder's device, torch's threads as configured (best of a few)."""
+    if device.startswith("cuda"):
+        n, repeats = 8192, 50
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     torch.matmul(a, b)
     best = float("inf")
     for _ in range(3):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         started = time.perf_counter()
         for _ in range(repeats):
             torch.matmul(a, b)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - started)
     return 2 * n**3 * repeats / best
 
@@ -153,16 +164,23 @@ def main(argv: list[str] | None = None) -> int:
                           encoding="utf-8")
         one = ingest(profile, source=str(copy), embedder=embedder)
         rows.append(("one file changed", one.seconds, one.embedded, one.line()))
-        ours, n = retrieval_scores(profile, questions, embedder)
+        ours = {}
+        for mode in RETRIEVAL_MODES:
+            ours[mode], n = retrieval_scores(profile, questions, embedder, mode)
 
         manifest = load_manifest(profile.corpus)
         files = list(select_files(corpus, manifest.include, manifest.exclude))
         seed = seed_way(corpus, files, embedder, questions, profile.retrieval.check_depth)
+        equal = seed_way(corpus, files, embedder, questions, profile.retrieval.check_depth,
+                         profile.chunking.size, profile.chunking.overlap)
         gen = None if args.skip_eval else eval_speed(profile, embedder, questions, args.max_new_tokens,
                                                      args.batch_size or max(2, profile.llm.batch_size))
         rows.append(("seed way (SimpleDirectoryReader + from_documents)", seed["seconds"], seed["chunks"],
                      f"{seed['chunks']} chunks of {seed['chunk_size']} tokens, {seed['truncated']} truncated "
                      f"(longest {seed['max_tokens']} > window {embedder.window})"))
+        rows.append(("seed way at our chunk budget", equal["seconds"], equal["chunks"],
+                     f"{equal['chunks']} chunks of {equal['chunk_size']} tiktoken tokens, {equal['truncated']} "
+                     f"truncated; ours is {equal['seconds'] / full.seconds:.2f}x as fast"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -171,14 +189,17 @@ def main(argv: list[str] | None = None) -> int:
         for name, sec, emb, d in rows
     ])
     retrieval = pd.DataFrame([
-        {"pipeline": f"ours ({profile.chunking.size}-token chunks, {full.chunks} chunks)", **_fmt(ours)},
+        *({"pipeline": f"ours, {mode} ({profile.chunking.size}-token chunks, {full.chunks} chunks)", **_fmt(m)}
+          for mode, m in ours.items()),
         {"pipeline": f"seed way ({seed['chunk_size']}-token chunks, {seed['chunks']} chunks)",
          **_fmt(seed["retrieval"])},
+        {"pipeline": f"seed way at our budget ({equal['chunk_size']}-token chunks, {equal['chunks']} chunks)",
+         **_fmt(equal["retrieval"])},
     ])
     config = embedder.model._model[0].auto_model.config
     mean_len = full.embed_tokens / max(full.embedded, 1)
     flops = encoder_flops_per_token(config, mean_len)
-    rate = matmul_rate()
+    rate = matmul_rate(embedder.device)
     bound = rate / flops
     achieved = full.embed_tokens / full.embed_seconds if full.embed_seconds else 0.0
     eval_lines: list[str] = []
@@ -225,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         f"## Retrieval (file-level, {n} questions with expected sources)",
         retrieval.to_markdown(index=False, disable_numparse=True),
         "",
-        f"ours: {format_line(ours)}; seed way: {format_line(seed['retrieval'])}",
+        f"ours ({profile.retrieval.mode}): {format_line(ours[profile.retrieval.mode])}; "
+        f"seed way: {format_line(seed['retrieval'])}",
         "",
     ])
     args.out.mkdir(parents=True, exist_ok=True)

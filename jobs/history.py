@@ -59,14 +59,17 @@ def find_baseline(reports_dir: Path, current: RunDir, explicit: str | None) -> R
         if not (path / SUMMARY).is_file():
             raise JobError(f"--baseline {explicit}: no finished run at {path} (no {SUMMARY})")
         return RunDir(path)
-    sha = current.info().get("questions_sha256")
+    # The newest earlier finished run over the same questions, preferring the same profile (last
+    # night's run of this job) over another profile's run (then the report says what differs).
+    me = current.info()
+    candidates = []
     for path in sorted((p for p in reports_dir.iterdir() if p.is_dir()), reverse=True):
         if path == current.path or path.name > current.run_id or not (path / SUMMARY).is_file():
             continue
         info = json.loads((path / RUN_INFO).read_text(encoding="utf-8"))
-        if info.get("questions_sha256") == sha:
-            return RunDir(path)
-    return None
+        if info.get("questions_sha256") == me.get("questions_sha256"):
+            candidates.append((info.get("profile") != me.get("profile"), path))
+    return RunDir(min(candidates, key=lambda c: c[0])[1]) if candidates else None
 
 
 @dataclass

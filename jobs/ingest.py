@@ -192,12 +192,16 @@ def ingest(profile: Profile, source: str | None = None, embedder: Embedder | Non
         old_info: dict = {}
         if live is not None:
             with st.client(live) as c:
-                coll = st.get_collection(c, name, create=True)
-                old_info = st.read_build_info(coll)
-                probe = {**embedder.spec(), **build_info(profile, embedder, checkout, manifest.url, summary)}
+                try:  # read only: the live generation is never written to
+                    coll = st.get_collection(c, name, create=False)
+                except JobError:
+                    coll = None
+                old_info = st.read_build_info(coll) if coll is not None else {}
+                probe = build_info(profile, embedder, checkout, manifest.url, summary)
                 changed = [k for k in st.REBUILD_KEYS if k in probe and old_info.get(k) != probe[k]]
-                if changed:
-                    log.warning("store settings changed (%s): rebuilding from scratch", ", ".join(changed))
+                if coll is None or changed:
+                    why = ", ".join(changed) if coll is not None else f"no collection {name!r}"
+                    log.warning("store settings changed (%s): rebuilding from scratch", why)
                     summary.rebuilt, live = True, None
                 else:
                     old = st.read_chunks(coll)

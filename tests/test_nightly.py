@@ -117,3 +117,15 @@ def test_regressions_name_exactly_the_changed_question(profile_path, capsys):
     code = ev.main(["--profile", str(profile_path), "--baseline", night1.run_id,
                     "--fail-under", "change.rag.keyword_hit_rate=-0.05"])
     assert code == 3 and "FAIL: change.rag.keyword_hit_rate" in capsys.readouterr().err
+
+
+def test_baseline_prefers_the_same_profile_and_names_differences(profile_path, tmp_path):
+    other_path = tmp_path / "other.toml"
+    other_path.write_text(f'extends = "{profile_path}"\nname = "other"\n', encoding="utf-8")
+    mine, other = load_profile(str(profile_path)), load_profile(str(other_path))
+    first, *_ = ev.evaluate(mine)
+    _, _, _, cross = ev.evaluate(other)
+    # Only another profile's run exists: compared with it, and the report says what differs.
+    assert cross.baseline == first.run_id and "profile: test → other" in cross.differences
+    third, _, _, again = ev.evaluate(mine)
+    assert again.baseline == first.run_id and again.differences == []  # last run of *this* profile
