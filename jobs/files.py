@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -49,3 +50,29 @@ def remove_stale_tmp_dirs(out_dir: Path) -> None:
         if pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
             log.info("removing stale temporary folder %s", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_folder(out_dir: Path, marker: str, build: Callable[[Path], str]) -> Path:
+    """Build a folder atomically: ``build`` fills a private sibling temp folder and returns the text of
+    the ``marker`` file, which is written last (a folder with the marker is always whole); then one
+    rename puts it in place. A crash leaves only a temp folder that the next call removes."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp_dirs(out_dir)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        (tmp / marker).write_text(build(tmp))
+        if out_dir.exists() and not (out_dir / marker).is_file():
+            shutil.rmtree(out_dir)  # no marker: a leftover of an interrupted, non-atomic writer
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            # A concurrent build won the rename; its folder is as good as ours.
+            if not (out_dir / marker).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import pathlib
 import shutil
 import struct
@@ -20,7 +19,7 @@ import numpy as np
 from safetensors.numpy import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from jobs.files import remove_stale_tmp_dirs, sha256_file
+from jobs.files import publish_folder, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -426,24 +425,9 @@ def convert_e5(out_dir: pathlib.Path) -> pathlib.Path:
         return out_dir
 
     src = source_path()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp_dirs(out_dir)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    tmp.mkdir()
-    try:
+
+    def build(tmp: pathlib.Path) -> str:
         _write_folder(src, tmp)
-        # Last, so that a folder with the marker is always whole.
-        (tmp / COMPLETE_MARKER).write_text(f"{sha256_file(src)}  {src.name}\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)  # no marker: a leftover of an interrupted, non-atomic writer
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            # A concurrent conversion got there first; its folder is as good as ours.
-            if not (out_dir / COMPLETE_MARKER).is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+        return f"{sha256_file(src)}  {src.name}\n"
+
+    return publish_folder(out_dir, COMPLETE_MARKER, build)

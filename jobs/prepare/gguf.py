@@ -9,13 +9,11 @@ from __future__ import annotations
 import gc
 import importlib.util
 import logging
-import os
 import pathlib
-import shutil
 import time
 from dataclasses import dataclass
 
-from jobs.files import remove_stale_tmp_dirs, sha256_file
+from jobs.files import publish_folder, remove_stale_tmp_dirs, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +129,7 @@ def convert_gguf(gguf_path: pathlib.Path, out_dir: pathlib.Path, *, tie_word_emb
     """
     gguf_path = pathlib.Path(gguf_path).resolve()
     out_dir = pathlib.Path(out_dir).resolve()
-    remove_stale_tmp_dirs(out_dir)
+    remove_stale_tmp_dirs(out_dir)  # also on the fast path: a dead writer's leftovers go either way
     if (out_dir / COMPLETE_MARKER).is_file():
         return out_dir
     if not gguf_path.is_file():
@@ -151,12 +149,10 @@ def convert_gguf(gguf_path: pathlib.Path, out_dir: pathlib.Path, *, tie_word_emb
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     size_mb = gguf_path.stat().st_size / 1e6
-    logger.info("converting %s (%.0f MB) -> %s (this takes ~35 s once)", gguf_path.name, size_mb, out_dir)
+    logger.info("converting %s (%.0f MB) -> %s (once; tens of seconds)", gguf_path.name, size_mb, out_dir)
     started = time.monotonic()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir.parent / f"{out_dir.name}.tmp-{os.getpid()}"
-    tmp_dir.mkdir()
-    try:
+
+    def build(tmp_dir: pathlib.Path) -> str:
         sha256 = sha256_file(gguf_path)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, torch_dtype=torch.float32
@@ -190,20 +186,9 @@ def convert_gguf(gguf_path: pathlib.Path, out_dir: pathlib.Path, *, tie_word_emb
         del tokenizer
         gc.collect()
 
-        # Written last, so its presence proves every other file is complete.
-        (tmp_dir / COMPLETE_MARKER).write_text(f"{sha256}  {gguf_path.name}\n")
-        if out_dir.exists() and not (out_dir / COMPLETE_MARKER).is_file():
-            shutil.rmtree(out_dir)  # no marker: a leftover from an interrupted non-atomic run
-        try:
-            os.replace(tmp_dir, out_dir)
-        except OSError:
-            # A concurrent conversion won the rename; its result is equally good.
-            if not (out_dir / COMPLETE_MARKER).is_file():
-                raise
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+        return f"{sha256}  {gguf_path.name}\n"
+
+    publish_folder(out_dir, COMPLETE_MARKER, build)
     logger.info("converted %s in %.1f s -> %s", gguf_path.name, time.monotonic() - started, out_dir)
     return out_dir
 
