@@ -43,8 +43,6 @@ class GenerationCache:
     def __init__(self, root: Path, enabled: bool = True) -> None:
         self.root = root
         self.enabled = enabled
-        self.hits = 0
-        self.misses = 0
 
     @staticmethod
     def key(fingerprint: dict, prompt: str) -> str:
@@ -60,13 +58,10 @@ class GenerationCache:
         try:
             value = json.loads(self._path(key).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            self.misses += 1
             return None
         except (OSError, ValueError):
             log.warning("ignoring an unreadable cache entry %s", self._path(key))
-            self.misses += 1
             return None
-        self.hits += 1
         return value
 
     def put(self, key: str, value: dict) -> None:

@@ -8,6 +8,7 @@ chat template with the same system prompt, so the two prompts differ only in the
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -159,11 +160,15 @@ class ChatLLM:
                                       seconds=seconds))
         return results
 
+    @functools.cached_property
+    def _weights(self) -> str:
+        # Hashing a local model folder reads files: once per process, not once per batch.
+        location = Path(self.location)
+        return folder_fingerprint(location) if location.is_dir() else ""
+
     def fingerprint(self) -> dict:
         """What determines an answer besides the prompt: the cache key's model part."""
-        location = Path(self.location)
-        return {"model": self.name, "revision": self.cfg.revision,
-                "weights": folder_fingerprint(location) if location.is_dir() else "",
+        return {"model": self.name, "revision": self.cfg.revision, "weights": self._weights,
                 "dtype": str(self.model.dtype), "device": self.device.split(":")[0],
                 "max_new_tokens": self.cfg.max_new_tokens, "do_sample": False, "stop_ids": self.stop_ids,
                 "seed": self.cfg.seed}
