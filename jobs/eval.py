@@ -160,7 +160,8 @@ def run_info(profile: Profile, qs: QuestionSet) -> dict:
                                 .encode()).hexdigest()[:16]
     return {"profile": profile.name, "questions": str(qs.path), "questions_sha256": qs.sha256,
             "prompt_version": PROMPT_VERSION, "experiment": experiment, "config": flat,
-            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            # Microseconds: runs of several profiles within one second must still order correctly.
+            "started_at": datetime.now(timezone.utc).isoformat(timespec="microseconds")}
 
 
 def results_frame(records: list[dict], order: list[str]) -> pd.DataFrame:

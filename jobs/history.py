@@ -61,15 +61,22 @@ def find_baseline(reports_dir: Path, current: RunDir, explicit: str | None) -> R
         return RunDir(path)
     # The newest earlier finished run over the same questions, preferring the same profile (last
     # night's run of this job) over another profile's run (then the report says what differs).
+    # Ordered by start time, not by folder name: names of runs started within one second sort by
+    # profile, not by age.
     me = current.info()
     candidates = []
-    for path in sorted((p for p in reports_dir.iterdir() if p.is_dir()), reverse=True):
-        if path == current.path or path.name > current.run_id or not (path / SUMMARY).is_file():
+    for path in reports_dir.iterdir():
+        if path == current.path or not (path / SUMMARY).is_file():
             continue
         info = json.loads((path / RUN_INFO).read_text(encoding="utf-8"))
-        if info.get("questions_sha256") == me.get("questions_sha256"):
-            candidates.append((info.get("profile") != me.get("profile"), path))
-    return RunDir(min(candidates, key=lambda c: c[0])[1]) if candidates else None
+        started = str(info.get("started_at", ""))
+        if started < str(me.get("started_at", "")) and info.get("questions_sha256") == me.get("questions_sha256"):
+            candidates.append((info.get("profile") != me.get("profile"), started, path))
+    if not candidates:
+        return None
+    candidates.sort(key=lambda c: c[1], reverse=True)  # newest first (ISO UTC timestamps sort as text)
+    candidates.sort(key=lambda c: c[0])  # stable: this profile's runs before other profiles'
+    return RunDir(candidates[0][2])
 
 
 @dataclass
