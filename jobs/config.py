@@ -66,8 +66,11 @@ class RetrievalConfig:
     mode: str = "hybrid"
     rrf_k: int = 60
     # Candidates each retriever contributes to the fusion: a file that one retriever ranks 30th can
-    # still be the other's first (measured on the public set: 20 -> hit@5 0.95, 50 -> 1.00).
+    # still be the other's first. `python -m jobs.tune` measures it with the weights.
     fusion_depth: int = 50
+    # The lexical list's weight in the fusion (dense counts 1). Tune it with `python -m jobs.tune` on
+    # a development question set, never on the set the report is judged by.
+    bm25_weight: float = 1.0
     top_k: int = 3
     # How many chunks a retrieval check reads to rank files (file-level hit@k needs > k chunks).
     check_depth: int = 20
@@ -308,6 +311,8 @@ def _validate(p: Profile, where: str) -> None:
         raise JobError(f"{where} [retrieval].mode={p.retrieval.mode!r}: expected one of {', '.join(RETRIEVAL_MODES)}")
     if p.retrieval.top_k < 1 or p.retrieval.check_depth < p.retrieval.top_k:
         raise JobError(f"{where} [retrieval]: need 1 <= top_k <= check_depth")
+    if p.retrieval.rrf_k < 0 or p.retrieval.bm25_weight < 0 or p.retrieval.fusion_depth < 1:
+        raise JobError(f"{where} [retrieval]: rrf_k and bm25_weight must be >= 0, fusion_depth >= 1")
     if p.embedder.batch_size < 1:
         raise JobError(f"{where} [embedder].batch_size must be >= 1")
     name = p.store.collection

@@ -240,7 +240,7 @@ def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = 
         header = {
             "run": run.run_id, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "profile": profile.name, **llm.identity(), "embedder": embedder.name, "embedder_device": embedder.device,
-            "retrieval": f"{retriever.mode} top-{profile.retrieval.top_k} (ranking depth "
+            "retrieval": f"{retriever.describe()} top-{profile.retrieval.top_k} (ranking depth "
                          f"{profile.retrieval.check_depth})",
             "corpus_commit": retriever.build_info.get("corpus_commit", ""),
             "store": f"{profile.store.path.name}: {retriever.build_info.get('chunks')} chunks of ≤"

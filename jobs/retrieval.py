@@ -35,6 +35,32 @@ def _cosine(node: NodeWithScore) -> float:
     return 1.0 + math.log(node.score) if node.score and node.score > 0 else 0.0
 
 
+def fuse(dense: list[Hit], lexical: list[Hit], k: int, rrf_k: int = 60, bm25_weight: float = 1.0) -> list[Hit]:
+    """Hybrid retrieval: RRF over source files, then each file's best chunks in turn.
+
+    Fusing files rather than chunks keeps what each retriever is good at: chunks of *other* files
+    that both lists happen to contain would otherwise outvote one retriever's clear first file.
+    Taking files round-robin gives the model the best passage of each of the top files first.
+    ``bm25_weight`` is the lexical list's weight (dense counts 1); ``python -m jobs.tune`` measures it.
+    """
+    weights = [1.0, bm25_weight]
+    files = reciprocal_rank_fusion([file_ranking(h.path for h in dense), file_ranking(h.path for h in lexical)],
+                                   k=rrf_k, weights=weights)
+    chunk_score = dict(reciprocal_rank_fusion([[h.chunk_id for h in dense], [h.chunk_id for h in lexical]],
+                                              k=rrf_k, weights=weights))
+    by_file: dict[str, list[Hit]] = {}
+    for h in {h.chunk_id: h for h in lexical + dense}.values():
+        by_file.setdefault(h.path, []).append(h)
+    queues = [sorted(by_file[path], key=lambda h: -chunk_score[h.chunk_id]) for path, _ in files]
+    out: list[Hit] = []
+    while len(out) < k and any(queues):
+        for queue in queues:
+            if queue and len(out) < k:
+                h = queue.pop(0)
+                out.append(Hit(h.chunk_id, h.path, h.heading, chunk_score[h.chunk_id], h.text))
+    return out
+
+
 class StoreRetriever:
     """Opens the live store (refusing another embedder's) and retrieves top-k chunks in one mode."""
 
@@ -42,6 +68,7 @@ class StoreRetriever:
         self.mode = mode or profile.retrieval.mode
         self.rrf_k = profile.retrieval.rrf_k
         self.fusion_depth = profile.retrieval.fusion_depth
+        self.bm25_weight = profile.retrieval.bm25_weight
         self.client, self.collection, self.build_info, live = st.open_for_query(
             profile.store.path, profile.store.collection, embedder.identity()
         )
@@ -80,30 +107,13 @@ class StoreRetriever:
         return self._fetch(self.lexical.search(question, k))
 
     def hybrid(self, question: str, k: int) -> list[Hit]:
-        """RRF over source files, then each file's best chunks in turn.
-
-        Fusing files rather than chunks keeps what each retriever is good at: chunks of *other* files
-        that both lists happen to contain would otherwise outvote one retriever's clear first file.
-        Taking files round-robin gives the model the best passage of each of the top files first.
-        """
         depth = max(k, self.fusion_depth)
-        dense = self.dense(question, depth)
-        lexical = self.bm25(question, depth)
-        files = reciprocal_rank_fusion([file_ranking(h.path for h in dense), file_ranking(h.path for h in lexical)],
-                                       k=self.rrf_k)
-        chunk_score = dict(reciprocal_rank_fusion([[h.chunk_id for h in dense], [h.chunk_id for h in lexical]],
-                                                  k=self.rrf_k))
-        by_file: dict[str, list[Hit]] = {}
-        for h in {h.chunk_id: h for h in lexical + dense}.values():
-            by_file.setdefault(h.path, []).append(h)
-        queues = [sorted(by_file[path], key=lambda h: -chunk_score[h.chunk_id]) for path, _ in files]
-        out: list[Hit] = []
-        while len(out) < k and any(queues):
-            for queue in queues:
-                if queue and len(out) < k:
-                    h = queue.pop(0)
-                    out.append(Hit(h.chunk_id, h.path, h.heading, chunk_score[h.chunk_id], h.text))
-        return out
+        return fuse(self.dense(question, depth), self.bm25(question, depth), k, self.rrf_k, self.bm25_weight)
+
+    def describe(self) -> str:
+        if self.mode != "hybrid":
+            return self.mode
+        return f"hybrid (RRF k={self.rrf_k}, bm25 weight {self.bm25_weight:g}, depth {self.fusion_depth})"
 
     def retrieve(self, question: str, k: int) -> list[Hit]:
         return getattr(self, self.mode)(question, k)
