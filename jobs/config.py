@@ -36,6 +36,9 @@ class EmbedderConfig:
     passage_prefix: str = ""
     batch_size: int = 32
     device: str = "auto"
+    # float32 by default: stores stay comparable across machines. bfloat16 is an opt-in speed-up where
+    # the hardware has it (CUDA; CPUs with avx512_bf16/AMX); the store records it, a change rebuilds.
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class StoreConfig:
 
 
 RETRIEVAL_MODES = ("dense", "bm25", "hybrid")
+# dtype settings and the torch dtype each names ("auto" is resolved per device by jobs.device).
+DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -313,6 +319,9 @@ def _validate(p: Profile, where: str) -> None:
         raise JobError(f"{where} [retrieval]: need 1 <= top_k <= check_depth")
     if p.retrieval.rrf_k < 0 or p.retrieval.bm25_weight < 0 or p.retrieval.fusion_depth < 1:
         raise JobError(f"{where} [retrieval]: rrf_k and bm25_weight must be >= 0, fusion_depth >= 1")
+    for section, dtype in (("embedder", p.embedder.dtype), ("llm", p.llm.dtype)):
+        if dtype not in DTYPES:
+            raise JobError(f"{where} [{section}].dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
     if p.embedder.batch_size < 1:
         raise JobError(f"{where} [embedder].batch_size must be >= 1")
     name = p.store.collection

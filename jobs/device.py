@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from jobs.config import DTYPES
 from jobs.errors import JobError
 
 
@@ -18,11 +19,10 @@ def pick_device(setting: str) -> str:
 
 
 def pick_dtype(setting: str, device: str) -> torch.dtype:
-    """bf16 on CUDA (halves memory, tensor cores), fp32 on CPU (bf16 matmuls are slow there)."""
+    """auto: bf16 on CUDA (halves memory, tensor cores), fp32 on CPU (bf16 is slow on CPUs without
+    avx512_bf16/AMX, and answers must not depend on which CPU ran them)."""
     if setting == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if setting not in table:
-        raise JobError(f"dtype={setting!r}: expected auto, float32, bfloat16 or float16")
-    return table[setting]
+    if setting not in DTYPES:
+        raise JobError(f"dtype={setting!r}: expected one of {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[setting])

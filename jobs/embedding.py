@@ -11,10 +11,11 @@ import functools
 import logging
 import time
 
+import torch
 from tokenizers import Tokenizer
 
 from jobs.config import EmbedderConfig, Profile
-from jobs.device import pick_device
+from jobs.device import pick_device, pick_dtype
 from jobs.errors import JobError
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,14 @@ class Embedder:
     @functools.cached_property
     def device(self) -> str:
         return pick_device(self.cfg.device)
+
+    @functools.cached_property
+    def dtype(self) -> torch.dtype:
+        return pick_dtype(self.cfg.dtype, self.device)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
 
     @functools.cached_property
     def model(self):  # noqa: ANN201 - llama_index HuggingFaceEmbedding, imported lazily (slow import)
@@ -55,8 +64,10 @@ class Embedder:
                 "Use a local folder, set HF_ENDPOINT to a reachable mirror, or run `make models`"
             ) from None
         model._model.prompts = {"query": self.query_prefix, "text": self.passage_prefix}
-        log.info("embedder %s on %s: dim=%d window=%d tokens (loaded in %.1fs)", self.name, self.device,
-                 model._model.get_embedding_dimension(), model._model.max_seq_length,
+        if self.dtype != torch.float32:
+            model._model.to(self.dtype)
+        log.info("embedder %s on %s (%s): dim=%d window=%d tokens (loaded in %.1fs)", self.name, self.device,
+                 self.dtype_name, model._model.get_embedding_dimension(), model._model.max_seq_length,
                  time.perf_counter() - started)
         return model
 

@@ -239,7 +239,8 @@ def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = 
         summary = summarise(df)
         header = {
             "run": run.run_id, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "profile": profile.name, **llm.identity(), "embedder": embedder.name, "embedder_device": embedder.device,
+            "profile": profile.name, **llm.identity(), "embedder": embedder.name,
+            "embedder_device": f"{embedder.device} ({embedder.dtype_name})",
             "retrieval": f"{retriever.describe()} top-{profile.retrieval.top_k} (ranking depth "
                          f"{profile.retrieval.check_depth})",
             "corpus_commit": retriever.build_info.get("corpus_commit", ""),

@@ -149,6 +149,7 @@ def build_info(profile: Profile, embedder: Embedder, checkout: Checkout, manifes
                summary: IngestSummary) -> dict:
     return {
         **embedder.spec(),
+        "embedder_dtype": embedder.dtype_name,
         "corpus": profile.corpus.stem,
         "corpus_url": manifest_url,
         "corpus_commit": checkout.commit,

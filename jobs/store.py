@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 BUILD_PREFIX = "build."
 LEXICAL = "lexical"  # the BM25 index's folder inside a generation
 # Settings whose change makes every stored vector or chunk boundary wrong: a full rebuild.
-REBUILD_KEYS = ("embedder", "embedder_dim", "embedder_window", "query_prefix", "passage_prefix",
+REBUILD_KEYS = ("embedder", "embedder_dtype", "embedder_dim", "embedder_window", "query_prefix", "passage_prefix",
                 "chunk_size", "chunk_overlap", "code_max_lines", "chunker_version")
 _GET_PAGE = 2000
 

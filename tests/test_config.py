@@ -33,6 +33,9 @@ def test_overrides_are_typed():
     ({"chunking.overlap": "200"}, r"overlap=200: must be >= 0 and < size/2"),
     ({"store.collection": "x"}, "Chroma needs 3-512 chars"),
     ({"nosuch.key": "1"}, "unknown section 'nosuch'"),
+    ({"embedder.dtype": "half"}, r"\[embedder\]\.dtype='half': expected one of auto, float32"),
+    ({"retrieval.bm25_weight": "-1"}, "rrf_k and bm25_weight must be >= 0"),
+    ({"retrieval.bm25_weight": "heavy"}, r"bm25_weight: expected a number, got 'heavy'"),
 ])
 def test_bad_settings_name_the_setting(overrides, message):
     with pytest.raises(JobError, match=message):

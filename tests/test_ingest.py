@@ -175,6 +175,27 @@ def test_chunking_change_rebuilds(mini_profile, minilm_embedder):
     assert all(c["meta"]["n_tokens"] <= 48 for c in stored(smaller).values())
 
 
+def test_bf16_embedder_is_recorded_rebuilds_and_stays_close(mini_profile, minilm_embedder):
+    ingest(mini_profile, embedder=minilm_embedder)
+    fp32 = stored(mini_profile)
+    half_cfg = dataclasses.replace(mini_profile.embedder, dtype="bfloat16")
+    half = Embedder(half_cfg, minilm_embedder.location)
+    profile = dataclasses.replace(mini_profile, embedder=half_cfg)
+    summary = ingest(profile, embedder=half)
+    # Vectors of another precision are never mixed into a store: the change re-embeds everything.
+    assert summary.rebuilt and summary.embedded == len(fp32)
+    with st.client(st.live_generation(profile.store.path)) as c:
+        assert st.read_build_info(st.get_collection(c, profile.store.collection, create=False))[
+            "embedder_dtype"] == "bfloat16"
+    bf16 = stored(profile)
+    assert bf16.keys() == fp32.keys()
+    for cid, chunk in fp32.items():
+        a, b = chunk["emb"], bf16[cid]["emb"]
+        assert a != b and sum(x * y for x, y in zip(a, b)) > 0.99  # normalised: the dot is the cosine
+    with StoreRetriever(profile, half, "dense") as r:
+        assert r.retrieve("How do I resume training with lumen train --resume?", 5)
+
+
 def _cli(profile_path: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "jobs.ingest", "--profile", str(profile_path), *args]
 
