@@ -57,7 +57,7 @@ bench: models
 
 # The GPU variant: the same benchmark on CUDA (bf16 generation), models as local folders.
 bench-gpu: models
-	$(PY) -m jobs.bench --profile $(PROFILE) --device cuda --batch-size 32 $(ARGS)
+	$(PY) -m jobs.bench --profile $(PROFILE) --device cuda --batch-sizes 8,32,64 --set llm.max_batch_tokens=262144 $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
