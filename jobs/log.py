@@ -1,4 +1,4 @@
-"""Logging and the CLI error boundary shared by every job."""
+"""Job start-up shared by every job: logging, environment, CPU threads; and the CLI error boundary."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from jobs import threads
 from jobs.errors import JobError
 
 EXIT_USAGE = 2
@@ -25,6 +26,7 @@ def setup(verbose: bool = False) -> None:
     # Chroma must never phone home from a nightly job.
     os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    threads.configure()
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
