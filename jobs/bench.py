@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                     "retrieval": {m: retrieval_scores(p16, questions, e16, m)[0] for m in RETRIEVAL_MODES}}
             rows.append(("full ingest, bfloat16 embedder (opt-in)", full16.seconds, full16.embedded,
                          f"{full.seconds / full16.seconds:.2f}x as fast as fp32; vectors vs fp32: cosine min "
-                         f"{half['cos_min']:.4f}, mean {half['cos_mean']:.5f}"))
+                         f"{half['cos_min']:.5f}, mean {half['cos_mean']:.5f}"))
 
         seed = seed_way(corpus, files, embedder, questions, profile.retrieval.check_depth)
         equal = seed_way(corpus, files, embedder, questions, profile.retrieval.check_depth,
