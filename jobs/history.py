@@ -16,7 +16,7 @@ import pandas as pd
 
 from jobs.errors import JobError
 from jobs.files import atomic_write
-from jobs.results import RUN_INFO, SUMMARY, RunDir
+from jobs.results import RUN_INFO, SUMMARY, RunDir, format_sources
 from jobs.scoring.summary import MODES, OVERALL, metric
 
 HISTORY = "history.csv"
@@ -100,11 +100,6 @@ def passed(row: pd.Series) -> bool:
     return bool(row["all_keywords_hit"]) and not pd.isna(row["all_keywords_hit"])
 
 
-def _sources(retrieved: object) -> str:
-    items = json.loads(retrieved) if isinstance(retrieved, str) and retrieved else []
-    return "\n".join(f"{h['score']:.3f} {h['path']}" for h in items)
-
-
 def compare(header: dict, df: pd.DataFrame, summary: dict, baseline: RunDir) -> Comparison:
     base_summary = json.loads((baseline.path / SUMMARY).read_text(encoding="utf-8"))
     base_header = base_summary.get("run", {})
@@ -138,7 +133,8 @@ def compare(header: dict, df: pd.DataFrame, summary: dict, baseline: RunDir) -> 
             flips.append({"kind": "fixed" if now else "regression", "id": r["id"], "mode": r["mode"],
                           "category": r["category"], "question": r["question"],
                           "answer before": b["answer"], "answer now": r["answer"],
-                          "sources before": _sources(b.get("retrieved")), "sources now": _sources(r.get("retrieved"))})
+                          "sources before": format_sources(b.get("retrieved")),
+                          "sources now": format_sources(r.get("retrieved"))})
     flips_df = pd.DataFrame(flips, columns=["kind", "id", "mode", "category", "question", "answer before",
                                             "answer now", "sources before", "sources now"])
     regressions = flips_df[flips_df["kind"] == "regression"].drop(columns="kind")

@@ -6,11 +6,10 @@ answers cannot break a table.
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 
 from jobs.history import Comparison
+from jobs.results import format_sources
 from jobs.scoring.summary import MODES, OVERALL
 
 
@@ -96,12 +95,6 @@ def _outcome(row: pd.Series) -> str:
     return f"{row['keyword_hit_rate']:.2f}" + (" ✓" if row["all_keywords_hit"] else "")
 
 
-def _sources(retrieved: object) -> str:
-    items = json.loads(retrieved) if isinstance(retrieved, str) and retrieved else (retrieved or [])
-    return "\n".join(f"{h['score']:.3f} {h['path']}" + (f" § {h['heading']}" if h.get("heading") else "")
-                     for h in items)
-
-
 def _failed(row: pd.Series) -> bool:
     if row["category"] == "negative":
         return not bool(row["abstained"])
@@ -127,7 +120,7 @@ def questions_table(df: pd.DataFrame) -> pd.DataFrame:
             "bare": _outcome(b) if b is not None else "",
             "RAG answer": r["answer"] if r is not None else "",
             "RAG": _outcome(r) if r is not None else "",
-            "top sources (score)": _sources(r["retrieved"]) if r is not None else "",
+            "top sources (score)": format_sources(r["retrieved"]) if r is not None else "",
         })
     table = pd.DataFrame(rows)
     # Failures first (RAG missed a keyword or failed to abstain), then by id.

@@ -111,3 +111,13 @@ def point_latest(reports_dir: Path, run: RunDir, headline: str) -> None:
     rel = f"{run.run_id}/report.md"
     atomic_write(reports_dir / "latest.md",
                  f"# Latest run\n\n[{run.run_id}]({rel})\n\n{headline}\n")
+
+
+def format_sources(retrieved: object) -> str:
+    """Retrieved chunks as stored in a result row (JSON or a list), one "score path § heading" per line."""
+    if isinstance(retrieved, str):
+        items = json.loads(retrieved) if retrieved else []
+    else:  # a list from results.jsonl; NaN where a row has none
+        items = retrieved if isinstance(retrieved, list) else []
+    return "\n".join(f"{h['score']:.3f} {h['path']}" + (f" § {h['heading']}" if h.get("heading") else "")
+                     for h in items)
