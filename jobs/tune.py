@@ -17,6 +17,7 @@ import argparse
 import itertools
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,14 +52,20 @@ class Setting:
         return abs(self.rrf_k - 60), abs(math.log(self.bm25_weight)), abs(self.fusion_depth - depth)
 
 
+def ranked(results: dict[Setting, dict[str, float]], default_depth: int) -> list[Setting]:
+    """Best first, by the rule in the module docstring: MRR, hit@1, hit@5, then the least departure from
+    plain RRF."""
+    return sorted(results, key=lambda s: (-round(results[s]["mrr"], 9), -results[s]["hit_at_1"],
+                                          -results[s]["hit_at_5"], s.distance_from_plain(default_depth)))
+
+
 def choose(results: dict[Setting, dict[str, float]], default_depth: int) -> Setting:
-    """The rule from the module docstring: best MRR, hit@1, hit@5; then the least departure from plain RRF."""
-    return min(results, key=lambda s: (-round(results[s]["mrr"], 9), -results[s]["hit_at_1"],
-                                       -results[s]["hit_at_5"], s.distance_from_plain(default_depth)))
+    return ranked(results, default_depth)[0]
 
 
-def sweep(profile: Profile, questions_csv: Path, embedder: Embedder, rrf_ks=RRF_KS, weights=BM25_WEIGHTS,
-          depths=DEPTHS) -> tuple[dict[Setting, dict[str, float]], dict[str, dict[str, float]], int]:
+def sweep(profile: Profile, questions_csv: Path, embedder: Embedder, rrf_ks: Sequence[int] = RRF_KS,
+          weights: Sequence[float] = BM25_WEIGHTS, depths: Sequence[int] = DEPTHS,
+          ) -> tuple[dict[Setting, dict[str, float]], dict[str, dict[str, float]], int]:
     """Mean file-level scores per fusion setting, and per single retriever, over the questions with sources."""
     qs = [q for q in load_questions(questions_csv).questions if q.expected_sources]
     if not qs:
@@ -90,10 +97,9 @@ def report(profile: Profile, questions_csv: Path, results: dict[Setting, dict[st
            single: dict[str, dict[str, float]], n: int, top: int = 15) -> tuple[str, Setting]:
     r = profile.retrieval
     current = Setting(r.rrf_k, r.bm25_weight, r.fusion_depth)
-    best = choose(results, r.fusion_depth)
-    ranked = sorted(results, key=lambda s: (-results[s]["mrr"], -results[s]["hit_at_1"], -results[s]["hit_at_5"],
-                                            s.distance_from_plain(r.fusion_depth)))
-    shown = ranked[:top] + [s for s in (current,) if s in results and s not in ranked[:top]]
+    order = ranked(results, r.fusion_depth)
+    best = order[0]
+    shown = order[:top] + [s for s in (current,) if s in results and s not in order[:top]]
     table = pd.DataFrame([
         {"rrf_k": s.rrf_k, "bm25_weight": f"{s.bm25_weight:g}", "fusion_depth": s.fusion_depth,
          **{key.replace("hit_at_", "hit@").replace("mrr", "MRR"): f"{v:.3f}" for key, v in results[s].items()},
