@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="override profile settings, e.g. --set llm.model=/models/internlm2-chat-1_8b")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    batch_sizes = _sizes(p, args.batch_sizes)  # before the long runs: a typo fails now, not in ten minutes
     joblog.setup(args.verbose)
     overrides: dict[str, object] = dict(parse_override(x) for x in args.set)
     if args.device:
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         equal = seed_way(corpus, files, embedder, questions, profile.retrieval.check_depth,
                          profile.chunking.size, profile.chunking.overlap)
         gen = None if args.skip_eval else eval_speed(profile, embedder, questions, args.max_new_tokens,
-                                                     _sizes(args.batch_sizes) or [max(2, profile.llm.batch_size)])
+                                                     batch_sizes or [max(2, profile.llm.batch_size)])
         rows.append(("seed way (SimpleDirectoryReader + from_documents)", seed["seconds"], seed["chunks"],
                      f"{seed['chunks']} chunks of {seed['chunk_size']} tokens, {seed['truncated']} truncated "
                      f"(longest {seed['max_tokens']} > window {embedder.window})"))
@@ -329,13 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _sizes(text: str) -> list[int]:
+def _sizes(parser: argparse.ArgumentParser, text: str) -> list[int]:
     try:
         sizes = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"--batch-sizes {text!r}: expected comma-separated integers, e.g. 8,16,32") from None
+        parser.error(f"--batch-sizes {text!r}: expected comma-separated integers, e.g. 8,16,32")
     if any(n < 2 for n in sizes):
-        raise SystemExit(f"--batch-sizes {text!r}: each batch size must be >= 2 (1 is the sequential baseline)")
+        parser.error(f"--batch-sizes {text!r}: each batch size must be >= 2 (1 is the sequential baseline)")
     return sizes
 
 
