@@ -159,6 +159,7 @@ def build_info(profile: Profile, embedder: Embedder, checkout: Checkout, manifes
         "code_max_lines": profile.chunking.code_max_lines,
         "min_doc_chars": profile.chunking.min_doc_chars,
         "chunker_version": CHUNKER_VERSION,
+        "index": st.INDEX_SPEC,
         "lexical": LEXICAL_VERSION,
         "files": summary.files,
         "skipped": summary.skipped,

@@ -196,6 +196,22 @@ def test_bf16_embedder_is_recorded_rebuilds_and_stays_close(mini_profile, minilm
         assert r.retrieve("How do I resume training with lumen train --resume?", 5)
 
 
+def test_index_settings_are_applied_recorded_and_a_change_rebuilds(mini_profile, minilm_embedder, monkeypatch):
+    # A store from before the current index settings: Chroma's default search width.
+    monkeypatch.setattr(st, "HNSW", {"space": "cosine", "ef_search": 100})
+    monkeypatch.setattr(st, "INDEX_SPEC", "hnsw space=cosine ef_search=100")
+    ingest(mini_profile, embedder=minilm_embedder)
+    monkeypatch.undo()
+    summary = ingest(mini_profile, embedder=minilm_embedder)
+    assert summary.rebuilt and summary.embedded == summary.chunks
+    with st.client(st.live_generation(mini_profile.store.path)) as c:
+        coll = st.get_collection(c, mini_profile.store.collection, create=False)
+        assert st.read_build_info(coll)["index"] == st.INDEX_SPEC
+        hnsw = coll.configuration["hnsw"]
+        assert (hnsw["ef_search"], hnsw["ef_construction"], hnsw["space"]) == (500, 200, "cosine")
+    assert not ingest(mini_profile, embedder=minilm_embedder).wrote  # and then it is up to date
+
+
 def _cli(profile_path: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "jobs.ingest", "--profile", str(profile_path), *args]
 
