@@ -207,7 +207,7 @@ def test_index_settings_are_applied_recorded_and_a_change_rebuilds(mini_profile,
     with st.client(st.live_generation(mini_profile.store.path)) as c:
         coll = st.get_collection(c, mini_profile.store.collection, create=False)
         assert st.read_build_info(coll)["index"] == st.INDEX_SPEC
-        hnsw = coll.configuration["hnsw"]
+        hnsw = coll.configuration_json["hnsw"]  # as persisted
         assert (hnsw["ef_search"], hnsw["ef_construction"], hnsw["space"]) == (500, 200, "cosine")
     assert not ingest(mini_profile, embedder=minilm_embedder).wrote  # and then it is up to date
 
