@@ -24,7 +24,7 @@ import torch
 
 from jobs import log as joblog
 from jobs.check import retrieval_scores
-from jobs.config import RETRIEVAL_MODES, ROOT, load_profile, parse_override
+from jobs.config import RETRIEVAL_MODES, ROOT, load_profile, overrides_from_cli
 from jobs.embedding import load_embedder
 from jobs.files import atomic_write
 from jobs.ingest import ingest
@@ -69,8 +69,8 @@ def store_contents(profile, field: str) -> dict[str, object]:
     """Chunk id -> one stored field ("documents" or "embeddings") of the profile's live store."""
     from jobs import store as st
 
-    with st.client(st.live_generation(profile.store.path)) as c:
-        got = st.get_collection(c, profile.store.collection, create=False).get(include=[field])
+    with st.Snapshot(profile.store.path, profile.store.collection) as snap:
+        got = snap.collection.get(include=[field])
     return dict(zip(got["ids"], got[field]))
 
 
@@ -176,10 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     batch_sizes = _sizes(p, args.batch_sizes)  # before the long runs: a typo fails now, not in ten minutes
     joblog.setup(args.verbose)
-    overrides: dict[str, object] = dict(parse_override(x) for x in args.set)
-    if args.device:
-        overrides.update({"embedder.device": args.device, "llm.device": args.device})
-    base = load_profile(args.profile, overrides)
+    base = load_profile(args.profile, overrides_from_cli(args.set, {
+        "embedder.device": ("--device", args.device), "llm.device": ("--device", args.device)}))
     questions = args.questions or base.eval.questions
     corpus = args.corpus_dir.resolve()
     work = Path(tempfile.mkdtemp(prefix="rag-bench-"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from tqdm import tqdm
@@ -13,6 +14,8 @@ from jobs.questions import load_questions
 from jobs.retrieval import StoreRetriever
 from jobs.scoring.retrieval import file_ranking, format_line, scores
 
+log = logging.getLogger(__name__)
+
 
 def retrieval_scores(profile: Profile, questions_csv: Path, embedder: Embedder | None = None,
                      mode: str | None = None) -> tuple[dict[str, float], int]:
@@ -22,6 +25,11 @@ def retrieval_scores(profile: Profile, questions_csv: Path, embedder: Embedder |
     embedder = embedder or load_embedder(profile)
     per_question = []
     with StoreRetriever(profile, embedder, mode) as retriever:
+        stored = retriever.paths()
+        for q in qs:
+            missing = [s for s in q.expected_sources if s not in stored]
+            if missing:
+                log.warning("question %s: expected source(s) not in the store: %s", q.id, ", ".join(missing))
         for q in tqdm(qs, desc="check", unit="q", leave=False):
             hits = retriever.retrieve(q.question, profile.retrieval.check_depth)
             per_question.append(scores(file_ranking(h.path for h in hits), q.expected_sources))

@@ -9,9 +9,11 @@ the same result whatever directory it is started from.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,11 @@ PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 PREPARED_SCHEME = "prepared:"
 
 
+def _in(lo: float, hi: float | None = None, default: object = None) -> object:
+    """A numeric setting with its allowed range (inclusive), checked when the profile loads."""
+    return field(default=default, metadata={"range": (lo, hi)})
+
+
 @dataclass(frozen=True)
 class EmbedderConfig:
     # An HF hub id, a local folder, or "prepared:<name>" (a folder that `make models` builds).
@@ -34,7 +41,7 @@ class EmbedderConfig:
     revision: str = ""
     query_prefix: str = ""
     passage_prefix: str = ""
-    batch_size: int = 32
+    batch_size: int = _in(1, 4096, 32)
     device: str = "auto"
     # float32 by default: stores stay comparable across machines. bfloat16 is an opt-in speed-up where
     # the hardware has it (CUDA; CPUs with avx512_bf16/AMX); the store records it, a change rebuilds.
@@ -45,12 +52,12 @@ class EmbedderConfig:
 class ChunkingConfig:
     # Tokens per chunk as the embedder sees it: passage prefix and special tokens included, so a
     # chunk of this size is never truncated. Must not exceed the embedder's window.
-    size: int = 128
-    overlap: int = 16
+    size: int = _in(16, 8192, 128)
+    overlap: int = _in(0, 4096, 16)
     # Long code blocks and log dumps are cut to this many lines so they cannot swamp retrieval.
-    code_max_lines: int = 12
+    code_max_lines: int = _in(1, 10_000, 12)
     # Files whose prose (headings and markup removed) is shorter than this are stubs: skipped.
-    min_doc_chars: int = 40
+    min_doc_chars: int = _in(0, 1_000_000, 40)
 
 
 @dataclass(frozen=True)
@@ -70,16 +77,16 @@ class RetrievalConfig:
     # dense: embeddings in Chroma; bm25: the lexical index beside them; hybrid: both, fused by
     # reciprocal rank fusion (rrf_k dampens the weight of top ranks).
     mode: str = "hybrid"
-    rrf_k: int = 60
+    rrf_k: int = _in(0, 10_000, 60)
     # Candidates each retriever contributes to the fusion: a file that one retriever ranks 30th can
     # still be the other's first. `python -m jobs.tune` measures it with the weights.
-    fusion_depth: int = 50
+    fusion_depth: int = _in(1, 10_000, 50)
     # The lexical list's weight in the fusion (dense counts 1). Tune it with `python -m jobs.tune` on
     # a development question set, never on the set the report is judged by.
-    bm25_weight: float = 1.0
-    top_k: int = 3
+    bm25_weight: float = _in(0.0, 100.0, 1.0)
+    top_k: int = _in(1, 100, 3)
     # How many chunks a retrieval check reads to rank files (file-level hit@k needs > k chunks).
-    check_depth: int = 20
+    check_depth: int = _in(1, 1000, 20)
 
 
 @dataclass(frozen=True)
@@ -89,13 +96,13 @@ class LLMConfig:
     trust_remote_code: bool = False
     device: str = "auto"
     dtype: str = "auto"
-    max_new_tokens: int = 128
+    max_new_tokens: int = _in(1, 32_768, 128)
     # Prompts per generate() call (1 = one at a time through HuggingFaceLLM.complete), and a bound on
     # rows x (longest prompt + max_new_tokens) so memory scales with tokens, not with a fixed count.
-    batch_size: int = 8
-    max_batch_tokens: int = 16384
+    batch_size: int = _in(1, 1024, 8)
+    max_batch_tokens: int = _in(1, 1 << 24, 16384)
     stop_ids: tuple[int, ...] = ()
-    seed: int = 0
+    seed: int = _in(0, 2**32 - 1, 0)
     system_prompt: str = ""
     # Templates whose BOS is added by the tokenizer itself must be rendered without it.
     strip_bos_from_template: bool = False
@@ -106,6 +113,9 @@ class EvalConfig:
     questions: Path = Path("eval/xtuner_questions.csv")
     reports_dir: Path = Path("eval/reports")
     abstain_phrases: tuple[str, ...] = ()
+    # Longer questions are refused when the file is read: a pasted log is not a question, and the
+    # prompt would not fit the model's window anyway.
+    max_question_chars: int = _in(1, 100_000, 2000)
 
 
 @dataclass(frozen=True)
@@ -200,9 +210,14 @@ def _coerce(value: object, typ: object, where: str) -> object:
             raise JobError(f"{where}: expected an integer, got {value!r}") from None
     if typ is float:
         try:
-            return float(value)  # type: ignore[arg-type]
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise JobError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise JobError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if typ is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise JobError(f"{where}: expected a string, got {value!r}")
@@ -218,9 +233,17 @@ def _build_section(cls: type, raw: dict, where: str) -> object:
         raise JobError(f"{where}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in raw.items()}
     try:
-        return cls(**kwargs)
+        section = cls(**kwargs)
     except TypeError as exc:
         raise JobError(f"{where}: {exc}") from None
+    for f in dataclasses.fields(cls):
+        if "range" in f.metadata:
+            lo, hi = f.metadata["range"]
+            value = getattr(section, f.name)
+            if value < lo or (hi is not None and value > hi):
+                allowed = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+                raise JobError(f"{where}.{f.name}={value!r}: must be {allowed}")
+    return section
 
 
 def profile_path(name_or_path: str) -> Path:
@@ -235,10 +258,25 @@ def available_profiles() -> list[str]:
 
 
 def parse_override(text: str) -> tuple[str, str]:
+    """``section.key=value``; the value keeps its exact text (a prefix such as "passage: " ends in a space)."""
     key, sep, value = text.partition("=")
     if not sep or "." not in key:
         raise JobError(f"--set {text!r}: expected section.key=value, e.g. chunking.size=120")
-    return key.strip(), value.strip()
+    return key.strip(), value
+
+
+def overrides_from_cli(sets: list[str], flags: Mapping[str, tuple[str, object]]) -> dict[str, object]:
+    """``--set`` values plus the jobs' own flags ({setting: (flag, value)}); a flag left unset overrides
+    nothing, and one setting given two different values (a flag and a --set, or two --set) is refused."""
+    overrides: dict[str, object] = {}
+    given: dict[str, str] = {}
+    pairs = [(f"--set {text}", *parse_override(text)) for text in sets]
+    pairs += [(f"{flag} {value}", key, value) for key, (flag, value) in flags.items() if value is not None]
+    for how, key, value in pairs:
+        if key in overrides and str(overrides[key]) != str(value):
+            raise JobError(f"{key} is given twice with different values ({given[key]} and {how}): give it once")
+        overrides[key], given[key] = value, how
+    return overrides
 
 
 def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -306,24 +344,20 @@ def load_profile(name_or_path: str, overrides: dict[str, object] | None = None) 
 
 
 def _validate(p: Profile, where: str) -> None:
+    """Checks that span settings; single numeric settings are range-checked as their section is built."""
     c = p.chunking
-    if c.size < 16:
-        raise JobError(f"{where} [chunking].size={c.size}: too small (at least 16 tokens)")
-    if not 0 <= c.overlap < c.size // 2:
+    if c.overlap >= c.size // 2:
         raise JobError(f"{where} [chunking].overlap={c.overlap}: must be >= 0 and < size/2 ({c.size // 2})")
-    if c.code_max_lines < 1:
-        raise JobError(f"{where} [chunking].code_max_lines must be >= 1")
     if p.retrieval.mode not in RETRIEVAL_MODES:
         raise JobError(f"{where} [retrieval].mode={p.retrieval.mode!r}: expected one of {', '.join(RETRIEVAL_MODES)}")
-    if p.retrieval.top_k < 1 or p.retrieval.check_depth < p.retrieval.top_k:
-        raise JobError(f"{where} [retrieval]: need 1 <= top_k <= check_depth")
-    if p.retrieval.rrf_k < 0 or p.retrieval.bm25_weight < 0 or p.retrieval.fusion_depth < 1:
-        raise JobError(f"{where} [retrieval]: rrf_k and bm25_weight must be >= 0, fusion_depth >= 1")
+    if p.retrieval.check_depth < p.retrieval.top_k:
+        raise JobError(f"{where} [retrieval]: need top_k ({p.retrieval.top_k}) <= check_depth "
+                       f"({p.retrieval.check_depth})")
     for section, dtype in (("embedder", p.embedder.dtype), ("llm", p.llm.dtype)):
         if dtype not in DTYPES:
             raise JobError(f"{where} [{section}].dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
-    if p.embedder.batch_size < 1:
-        raise JobError(f"{where} [embedder].batch_size must be >= 1")
+    if any(i < 0 for i in p.llm.stop_ids):
+        raise JobError(f"{where} [llm].stop_ids={list(p.llm.stop_ids)}: token ids are >= 0")
     name = p.store.collection
     if not (3 <= len(name) <= 512) or not all(ch.isalnum() or ch in "._-" for ch in name):
         raise JobError(f"{where} [store].collection={name!r}: Chroma needs 3-512 chars of [a-zA-Z0-9._-]")

@@ -15,6 +15,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,11 +25,11 @@ from tqdm import tqdm
 
 from jobs import log as joblog
 from jobs.cache import GenerationCache
-from jobs.config import Profile, load_profile, parse_override
+from jobs.config import Profile, load_profile, overrides_from_cli
 from jobs.embedding import load_embedder
 from jobs.errors import JobError
 from jobs.files import atomic_write
-from jobs.history import Comparison, append_history, compare, find_baseline
+from jobs.history import Comparison, append_history, compare, find_baseline, named_baseline
 from jobs.llm import ChatLLM, Completion, load_llm
 from jobs.prompts import PROMPT_VERSION, bare_user_message, rag_user_message
 from jobs.questions import Question, QuestionSet, load_questions
@@ -37,41 +38,13 @@ from jobs.results import RunDir, point_latest
 from jobs.retrieval import StoreRetriever
 from jobs.scoring import keywords as kw
 from jobs.scoring.retrieval import file_ranking, scores
-from jobs.scoring.summary import METRICS, metric, summarise
+from jobs.scoring.summary import MODES, metric, summarise
+from jobs.thresholds import Threshold
 
 log = logging.getLogger("jobs.eval")
 
 EXIT_THRESHOLD = 3
 RANKED_FILES = 10  # files kept per question for the hit@k curve
-
-
-@dataclass(frozen=True)
-class Threshold:
-    """`MODE.METRIC=MIN` on the overall numbers: MODE bare, rag, gain (RAG minus bare), or
-    `change.MODE.METRIC=MIN` for the change since the baseline run (e.g. -0.05)."""
-
-    key: str
-    minimum: float
-
-    @classmethod
-    def parse(cls, text: str) -> Threshold:
-        key, sep, value = text.partition("=")
-        parts = key.strip().split(".")
-        if parts and parts[0] == "change":
-            parts = parts[1:]
-        ok = sep and len(parts) == 2 and parts[0] in ("bare", "rag", "gain") and parts[1] in METRICS
-        try:
-            if not ok:
-                raise ValueError
-            return cls(key.strip(), float(value))
-        except ValueError:
-            raise JobError(f"--fail-under {text!r}: expected [change.]MODE.METRIC=NUMBER with MODE bare, rag or "
-                           f"gain and METRIC one of {', '.join(METRICS)}; e.g. rag.keyword_hit_rate=0.3") from None
-
-    def value(self, summary: dict, comparison: Comparison | None) -> float | None:
-        if self.key.startswith("change."):
-            return comparison.change(summary, self.key.removeprefix("change.")) if comparison else None
-        return metric(summary, self.key)
 
 
 @dataclass
@@ -85,6 +58,7 @@ class Job:
 
 
 def score_answer(q: Question, answer: str, phrases: tuple[str, ...]) -> dict:
+    """Keyword hits and abstention; a failed answer (empty) scores no hit and no abstention."""
     hits = kw.keyword_hits(answer, q.expected_keywords)
     return {
         "keyword_hits": "|".join("1" if h else "0" for h in hits),
@@ -116,24 +90,33 @@ def make_jobs(q: Question, modes: set[str], llm: ChatLLM, retriever: StoreRetrie
     return jobs
 
 
-def answer(llm: ChatLLM, cache: GenerationCache, prompts: list[str]) -> list[tuple[Completion, bool]]:
-    """Answers for prompts, from the cache where possible; the rest generated together."""
+OnAnswer = Callable[[int, Completion, bool], None]
+
+
+def answer(llm: ChatLLM, cache: GenerationCache, prompts: list[str], on_answer: OnAnswer) -> None:
+    """Answers for prompts, from the cache where possible and generated otherwise; ``on_answer(index,
+    completion, cached)`` as each one is ready. Failed answers are passed on but never cached."""
     fingerprint = {**llm.fingerprint(), "prompt_version": PROMPT_VERSION}
     keys = [cache.key(fingerprint, p) for p in prompts]
-    found = [cache.get(k) for k in keys]
-    missing = [i for i, f in enumerate(found) if f is None]
-    generated = llm.generate([prompts[i] for i in missing]) if missing else []
-    out: list[tuple[Completion, bool] | None] = [None] * len(prompts)
-    for i, completion in zip(missing, generated):
-        cache.put(keys[i], {"text": completion.text, "prompt_tokens": completion.prompt_tokens,
-                            "answer_tokens": completion.answer_tokens, "seconds": completion.seconds,
-                            "prompt_sha1": hashlib.sha1(prompts[i].encode("utf-8")).hexdigest()})
-        out[i] = (completion, False)
-    for i, f in enumerate(found):
-        if f is not None:
-            out[i] = (Completion(text=f["text"], prompt=prompts[i], prompt_tokens=f["prompt_tokens"],
-                                 answer_tokens=f["answer_tokens"], seconds=f["seconds"]), True)
-    return out  # type: ignore[return-value]
+    missing = []
+    for i, key in enumerate(keys):
+        found = cache.get(key)
+        if found is None:
+            missing.append(i)
+        else:
+            on_answer(i, Completion(text=found["text"], prompt=prompts[i], prompt_tokens=found["prompt_tokens"],
+                                    answer_tokens=found["answer_tokens"], seconds=found["seconds"]), True)
+
+    def generated(k: int, completion: Completion) -> None:
+        i = missing[k]
+        if not completion.error:
+            cache.put(keys[i], {"text": completion.text, "prompt_tokens": completion.prompt_tokens,
+                                "answer_tokens": completion.answer_tokens, "seconds": completion.seconds,
+                                "prompt_sha1": hashlib.sha1(prompts[i].encode("utf-8")).hexdigest()})
+        on_answer(i, completion, False)
+
+    if missing:
+        llm.generate([prompts[i] for i in missing], on_result=generated)
 
 
 def record(job: Job, completion: Completion, cached: bool, phrases: tuple[str, ...]) -> dict:
@@ -144,7 +127,7 @@ def record(job: Job, completion: Completion, cached: bool, phrases: tuple[str, .
         "answer": completion.text,
         **score_answer(q, completion.text, phrases),
         "hit_at_1": None, "hit_at_3": None, "hit_at_5": None, "mrr": None, "retrieved": "[]", "ranked_files": "[]",
-        "retrieve_s": None, "generate_s": round(completion.seconds, 4), "cached": cached,
+        "retrieve_s": None, "generate_s": round(completion.seconds, 4), "cached": cached, "error": completion.error,
         "prompt_tokens": completion.prompt_tokens, "answer_tokens": completion.answer_tokens,
         "prompt_sha1": hashlib.sha1(completion.prompt.encode("utf-8")).hexdigest(),
         **job.extra,
@@ -202,40 +185,58 @@ def write_outputs(run: RunDir, profile: Profile, header: dict, df: pd.DataFrame,
     point_latest(reports, run, headline(summary))
 
 
+def stale_sources(questions: Sequence[Question], stored: set[str]) -> dict[str, list[str]]:
+    """Expected sources the store does not hold, per question: after a docs update, the first thing to go stale."""
+    stale = {q.id: [s for s in q.expected_sources if s not in stored] for q in questions}
+    return {qid: missing for qid, missing in stale.items() if missing}
+
+
 def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = False, resume_run: str | None = None,
-             limit: int | None = None, baseline: str | None = None, use_cache: bool = True
-             ) -> tuple[RunDir, pd.DataFrame, dict, Comparison | None]:
-    qs = load_questions(questions or profile.eval.questions)  # validated before any model loads
+             limit: int | None = None, baseline: str | None = None, use_cache: bool = True,
+             thresholds: Sequence[Threshold] = ()) -> tuple[RunDir, pd.DataFrame, dict, Comparison | None]:
+    # Everything that can be wrong with the inputs is found before any model loads or any file is written.
+    qs = load_questions(questions or profile.eval.questions, profile.eval.max_question_chars)
+    for t in thresholds:
+        t.check(qs)
+    if limit is not None and limit < 1:
+        raise JobError(f"--limit {limit}: must be at least 1")
     selected = list(qs.questions[:limit] if limit else qs.questions)
     info = run_info(profile, qs)
     reports = profile.eval.reports_dir
-    if baseline and not ((Path(baseline).is_dir()) or (reports / baseline).is_dir()):
-        raise JobError(f"--baseline {baseline}: no such run in {reports}")
+    if baseline:
+        named_baseline(reports, baseline)
+    run = RunDir.resume(reports, profile.name, info, resume_run) if resume else None
     embedder = load_embedder(profile)
     retriever = StoreRetriever(profile, embedder)  # refuses a missing or mismatched store: before the LLM loads
     try:
+        stale = stale_sources(selected, retriever.paths())
+        for qid, missing in stale.items():
+            log.warning("question %s: expected source(s) not in the store: %s", qid, ", ".join(missing))
         llm = load_llm(profile)
-        run = RunDir.resume(reports, profile.name, info, resume_run) if resume else RunDir.create(reports,
-                                                                                                     profile.name, info)
+        run = run or RunDir.create(reports, profile.name, info)
         cache = GenerationCache(profile.paths.cache / "generations", enabled=use_cache)
         done = run.done()
-        generated = 0
+        kept = sum((q.id, m) in done for q in selected for m in MODES)
+        counts = {"generated": 0, "cached": 0, "failed": 0}
         started = time.perf_counter()
         phrases = profile.eval.abstain_phrases
         step = max(1, profile.llm.batch_size)
-        with tqdm(total=len(selected), desc="questions", unit="q") as bar:
+        with tqdm(total=len(selected) * len(MODES), initial=kept, desc="answers", unit="answer") as bar:
             for i in range(0, len(selected), step):
-                batch = selected[i:i + step]
-                jobs = [j for q in batch for j in make_jobs(
-                    q, {m for m in ("bare", "rag") if (q.id, m) not in done}, llm, retriever, profile)]
-                for job, (completion, cached) in zip(jobs, answer(llm, cache, [j.prompt for j in jobs])):
-                    rec = record(job, completion, cached, phrases)
-                    generated += not cached
-                    run.append(rec)  # each answer is durable before the next batch starts
+                jobs = [j for q in selected[i:i + step] for j in make_jobs(
+                    q, {m for m in MODES if (q.id, m) not in done}, llm, retriever, profile)]
+
+                def on_answer(k: int, completion: Completion, cached: bool, jobs: list[Job] = jobs) -> None:
+                    rec = record(jobs[k], completion, cached, phrases)
+                    rec["missing_sources"] = "|".join(stale.get(rec["id"], [])) if rec["mode"] == "rag" else ""
+                    run.append(rec)  # each answer is durable as soon as it exists
                     done[(rec["id"], rec["mode"])] = rec
-                bar.update(len(batch))
+                    counts["failed" if completion.error else "cached" if cached else "generated"] += 1
+                    bar.update(1)
+
+                answer(llm, cache, [j.prompt for j in jobs], on_answer)
         wall = time.perf_counter() - started
-        df = results_frame([done[(q.id, m)] for q in selected for m in ("bare", "rag")], [q.id for q in selected])
+        df = results_frame([done[(q.id, m)] for q in selected for m in MODES], [q.id for q in selected])
         summary = summarise(df)
         header = {
             "run": run.run_id, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -244,12 +245,15 @@ def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = 
             "retrieval": f"{retriever.describe()} top-{profile.retrieval.top_k} (ranking depth "
                          f"{profile.retrieval.check_depth})",
             "corpus_commit": retriever.build_info.get("corpus_commit", ""),
+            "store_generation": retriever.snapshot.generation.name,
             "store": f"{profile.store.path.name}: {retriever.build_info.get('chunks')} chunks of ≤"
                      f"{retriever.build_info.get('chunk_size')} tokens, built {retriever.build_info.get('built_at')}",
             "questions": f"{qs.path.name} ({len(selected)} questions, sha256 {qs.sha256[:12]})",
             "prompt_version": PROMPT_VERSION,
-            "answers generated": generated,
-            "answers from cache": int(df["cached"].sum()),
+            "answers generated": counts["generated"],
+            "answers from cache": counts["cached"],
+            **({"answers kept from the interrupted run": kept} if resume else {}),
+            "answers failed": int((df["error"].fillna("") != "").sum()),
             "wall_s": round(wall, 1),
             "questions_per_s": round(len(selected) / wall, 4) if wall > 0 else None,
         }
@@ -274,29 +278,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--limit", type=int, help="only the first N questions (smoke runs)")
     p.add_argument("--resume", nargs="?", const="", metavar="RUN",
-                   help="continue the newest unfinished run (or RUN) instead of starting a new one")
+                   help="continue the newest unfinished run with the same settings (or RUN) instead of starting anew")
     p.add_argument("--baseline", metavar="RUN", help="compare with this run (default: the previous comparable one)")
     p.add_argument("--no-cache", action="store_true", help="regenerate every answer (the cache is still refreshed)")
     p.add_argument("--fail-under", action="append", default=[], metavar="[change.]MODE.METRIC=MIN",
                    help="exit 3 when an overall metric is below MIN: rag.hit_at_5=0.8, gain.keyword_hit_rate=0.2 "
                         "(RAG minus bare), change.rag.keyword_hit_rate=-0.05 (since the baseline run)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any profile setting; a flag above and a --set of the same setting must agree")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+def profile_from_args(args: argparse.Namespace) -> Profile:
+    return load_profile(args.profile, overrides_from_cli(args.set, {
+        "store.path": ("--store", args.store), "eval.reports_dir": ("--reports", args.reports),
+        "retrieval.top_k": ("--top-k", args.top_k), "llm.max_new_tokens": ("--max-new-tokens", args.max_new_tokens),
+        "llm.seed": ("--seed", args.seed), "llm.batch_size": ("--batch-size", args.batch_size)}))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     joblog.setup(args.verbose)
     thresholds = [Threshold.parse(t) for t in args.fail_under]
-    overrides: dict[str, object] = dict(parse_override(s) for s in args.set)
-    overrides.update({"store.path": args.store, "eval.reports_dir": args.reports, "retrieval.top_k": args.top_k,
-                      "llm.max_new_tokens": args.max_new_tokens, "llm.seed": args.seed,
-                      "llm.batch_size": args.batch_size})
-    profile = load_profile(args.profile, overrides)
+    profile = profile_from_args(args)
     run, _df, summary, comparison = evaluate(
         profile, questions=args.questions, resume=args.resume is not None, resume_run=args.resume or None,
-        limit=args.limit, baseline=args.baseline, use_cache=not args.no_cache)
+        limit=args.limit, baseline=args.baseline, use_cache=not args.no_cache, thresholds=thresholds)
     print(summary_table(summary).to_markdown(index=False, disable_numparse=True))
     print(f"report: {run.path / 'report.md'}")
     print(headline(summary))
@@ -305,11 +313,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(comparison.fixed)} fixed")
     code = 0
     for t in thresholds:
-        value = t.value(summary, comparison)
-        if value is None or value < t.minimum:
-            shown = "n/a (no baseline)" if value is None else f"{value:.3f}"
-            print(f"FAIL: {t.key} = {shown} < {t.minimum}", file=sys.stderr)
-            code = EXIT_THRESHOLD
+        failed, line = t.verdict(summary, comparison.summary if comparison else None)
+        print(line, file=sys.stderr if failed else sys.stdout)
+        code = EXIT_THRESHOLD if failed else code
     return code
 
 

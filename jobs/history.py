@@ -53,12 +53,20 @@ def append_history(reports_dir: Path, run: RunDir, header: dict, summary: dict) 
     return table
 
 
+def named_baseline(reports_dir: Path, name: str) -> RunDir:
+    """``--baseline RUN``: a finished run (checked before anything loads or is written)."""
+    path = Path(name) if Path(name).is_dir() else reports_dir / name
+    if not (path / RUN_INFO).is_file():
+        raise JobError(f"--baseline {name}: no such run in {reports_dir}")
+    if not (path / SUMMARY).is_file():
+        raise JobError(f"--baseline {name}: that run did not finish (no {SUMMARY} in {path}); "
+                       "pick a finished run or resume it first")
+    return RunDir(path)
+
+
 def find_baseline(reports_dir: Path, current: RunDir, explicit: str | None) -> RunDir | None:
     if explicit:
-        path = Path(explicit) if Path(explicit).is_dir() else reports_dir / explicit
-        if not (path / SUMMARY).is_file():
-            raise JobError(f"--baseline {explicit}: no finished run at {path} (no {SUMMARY})")
-        return RunDir(path)
+        return named_baseline(reports_dir, explicit)
     # The newest earlier finished run over the same questions, preferring the same profile (last
     # night's run of this job) over another profile's run (then the report says what differs).
     # Ordered by start time, not by folder name: names of runs started within one second sort by

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from jobs import log as joblog
 from jobs import store as st
 from jobs.chunking import Chunk, Chunker
-from jobs.config import Profile, load_profile, parse_override
+from jobs.config import Profile, load_profile, overrides_from_cli
 from jobs.documents import Document, read_document
 from jobs.embedding import Embedder, load_embedder
 from jobs.errors import JobError
@@ -188,62 +188,118 @@ def ingest(profile: Profile, source: str | None = None, embedder: Embedder | Non
         embedder = embedder or load_embedder(profile)
         summary = IngestSummary(files=len(checkout.files), skipped=len(skipped), commit=checkout.commit,
                                 source=checkout.source.describe())
-
-        live = st.live_generation(store_path)
-        old: dict[str, st.StoredChunk] = {}
-        old_info: dict = {}
-        if live is not None:
-            with st.client(live) as c:
-                try:  # read only: the live generation is never written to
-                    coll = st.get_collection(c, name, create=False)
-                except JobError:
-                    coll = None
-                old_info = st.read_build_info(coll) if coll is not None else {}
-                probe = build_info(profile, embedder, checkout, manifest.url, summary)
-                changed = [k for k in st.REBUILD_KEYS if k in probe and old_info.get(k) != probe[k]]
-                if coll is None or changed:
-                    why = ", ".join(changed) if coll is not None else f"no collection {name!r}"
-                    log.warning("store settings changed (%s): rebuilding from scratch", why)
-                    summary.rebuilt, live = True, None
-                else:
-                    old = st.read_chunks(coll)
-
-        chunker: list[Chunker] = []
-
-        def chunk(doc: Document) -> list[Chunk]:
-            if not chunker:  # the tokenizer (and so the model) loads only when a file needs chunking
-                chunker.append(make_chunker(profile, embedder))
-            return chunker[0].chunk(doc)
-
-        plan = plan_changes(docs, old, checkout.commit, chunk)
-        summary.chunks, summary.max_chunk_tokens = plan.total, plan.max_tokens
-        summary.added, summary.updated = plan.added, len(plan.write) - plan.added
-        summary.removed, summary.relabelled, summary.unchanged = len(plan.remove), len(plan.relabel), plan.unchanged
-        if not plan.total:
-            raise JobError(f"corpus {manifest.name} at {checkout.commit[:12]} gave no chunks")
-        info = build_info(profile, embedder, checkout, manifest.url, summary)
-        if live is not None and plan.empty and all(old_info.get(k) == v for k, v in info.items()) \
-                and (live / st.LEXICAL).is_dir():
-            log.info("store %s is up to date at %s: nothing to write", store_path, checkout.commit[:12])
-        else:
-            info.update({"embedder_dim": embedder.dim, "embedder_window": embedder.window,
-                         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-            _write(store_path, name, live, plan, checkout.commit, embedder, info, summary)
+        work = _working_copy(store_path, name)
+        try:
+            _update(profile, work, checkout, docs, manifest.url, embedder, summary)
+        finally:
+            work.discard()
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _write(store_path: Path, name: str, live: Path | None, plan: Plan, commit: str, embedder: Embedder,
+@dataclass
+class WorkingCopy:
+    """A private copy of the newest sound generation (or an empty folder), open for writing."""
+
+    folder: Path
+    base: Path | None  # the generation it copies
+    base_is_live: bool
+    opened: st.OpenCopy | None = None
+    rebuilt: bool = False  # there was a store, but nothing usable to build on
+    published: bool = False
+
+    def reset(self) -> None:
+        """Start from an empty folder (a rebuild): nothing of the old collection is carried over."""
+        self.discard()
+        self.folder.mkdir()
+        self.base, self.base_is_live, self.rebuilt = None, False, True
+
+    def discard(self) -> None:
+        if self.opened is not None:
+            self.opened.close()
+            self.opened = None
+        if not self.published:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _working_copy(store_path: Path, name: str) -> WorkingCopy:
+    """Copy the live generation; if it is damaged, the newest sound earlier one; else start empty."""
+    live = st.live_generation(store_path)
+    candidates = ([live] if live else []) + [g for g in st.finished_generations(store_path) if g != live]
+    for base in candidates:
+        folder = None
+        try:
+            folder = st.new_generation(store_path, base)
+            opened = st.open_copy(folder, base, name)
+        except st.DamagedStore as exc:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+            log.warning("%s%s; trying the previous generation", "live " if base == live else "", exc)
+            continue
+        except JobError as exc:  # no such collection: nothing to build on
+            shutil.rmtree(folder, ignore_errors=True)
+            log.warning("store settings changed (%s): rebuilding from scratch", exc)
+            break
+        if base != live:
+            log.warning("recovering from generation %s (the live one is damaged)", base.name)
+        return WorkingCopy(folder, base, base == live, opened)
+    else:
+        if candidates:
+            log.warning("no sound generation left in %s: rebuilding from scratch", store_path)
+    return WorkingCopy(st.new_generation(store_path, None), None, False, rebuilt=bool(candidates))
+
+
+def _update(profile: Profile, work: WorkingCopy, checkout: Checkout, docs: list[Document], manifest_url: str,
+            embedder: Embedder, summary: IngestSummary) -> None:
+    """Plan against the working copy, embed what is new, apply, and publish (or discard if nothing changed)."""
+    old: dict[str, st.StoredChunk] = {}
+    old_info = work.opened.info if work.opened else {}
+    if work.opened is not None:
+        probe = build_info(profile, embedder, checkout, manifest_url, summary)
+        changed = [k for k in st.REBUILD_KEYS if k in probe and old_info.get(k) != probe[k]]
+        if changed:
+            log.warning("store settings changed (%s): rebuilding from scratch", ", ".join(changed))
+            work.reset()
+            old_info = {}
+        else:
+            old = st.read_chunks(work.opened.collection)
+    summary.rebuilt = work.rebuilt
+
+    chunker: list[Chunker] = []
+
+    def chunk(doc: Document) -> list[Chunk]:
+        if not chunker:  # the tokenizer (and so the model) loads only when a file needs chunking
+            chunker.append(make_chunker(profile, embedder))
+        return chunker[0].chunk(doc)
+
+    plan = plan_changes(docs, old, checkout.commit, chunk)
+    summary.chunks, summary.max_chunk_tokens = plan.total, plan.max_tokens
+    summary.added, summary.updated = plan.added, len(plan.write) - plan.added
+    summary.removed, summary.relabelled, summary.unchanged = len(plan.remove), len(plan.relabel), plan.unchanged
+    if not plan.total:
+        raise JobError(f"corpus at {checkout.commit[:12]} gave no chunks")
+    info = build_info(profile, embedder, checkout, manifest_url, summary)
+    if work.base_is_live and work.opened is not None and plan.empty \
+            and all(old_info.get(k) == v for k, v in info.items()) and (work.folder / st.LEXICAL).is_dir():
+        log.info("store %s is up to date at %s: nothing to write", profile.store.path, checkout.commit[:12])
+        return
+    info.update({"embedder_dim": embedder.dim, "embedder_window": embedder.window,
+                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    _write(profile.store.path, profile.store.collection, work, plan, checkout.commit, embedder, info, summary)
+
+
+def _write(store_path: Path, name: str, work: WorkingCopy, plan: Plan, commit: str, embedder: Embedder,
            info: dict, summary: IngestSummary) -> None:
-    """Embed what is new, apply the plan to a copy of the live generation, then publish it."""
+    """Embed what is new, apply the plan to the working copy, then publish it."""
+    if work.opened is None:
+        work.opened = st.create_collection(work.folder, name)
+    coll = work.opened.collection
     reusable: dict[str, list[float]] = {}  # text_sha -> a vector already in the store
-    if live is not None and plan.write:
-        with st.client(live) as c:
-            coll = st.get_collection(c, name, create=False)
-            need = sorted({ch.text_sha for ch in plan.write})
-            found = coll.get(where={"text_sha": {"$in": need}}, include=["metadatas", "embeddings"])
-            for meta, emb in zip(found["metadatas"], found["embeddings"]):
-                reusable[str(meta["text_sha"])] = [float(x) for x in emb]
+    if plan.write and coll.count():
+        need = sorted({ch.text_sha for ch in plan.write})
+        found = coll.get(where={"text_sha": {"$in": need}}, include=["metadatas", "embeddings"])
+        for meta, emb in zip(found["metadatas"], found["embeddings"]):
+            reusable[str(meta["text_sha"])] = [float(x) for x in emb]
     new = {ch.text_sha: ch for ch in plan.write if ch.text_sha not in reusable}
     texts = sorted((sha, ch.text) for sha, ch in new.items())
     started = time.perf_counter()
@@ -253,33 +309,33 @@ def _write(store_path: Path, name: str, live: Path | None, plan: Plan, commit: s
     summary.embedded = len(texts)
     vectors.update(reusable)
 
-    gen = st.new_generation(store_path, live)
-    with st.client(gen) as c:
-        coll = st.get_collection(c, name, create=True)
-        if plan.remove:
-            coll.delete(ids=plan.remove)
-        for i in tqdm(range(0, len(plan.write), 1000), desc="store", unit="batch", leave=False):
-            batch = plan.write[i:i + 1000]
-            coll.upsert(
-                ids=[ch.id for ch in batch],
-                documents=[ch.text for ch in batch],
-                metadatas=[ch.metadata(commit) for ch in batch],
-                embeddings=[vectors[ch.text_sha] for ch in batch],
-            )
-        for i in range(0, len(plan.relabel), 1000):
-            batch = plan.relabel[i:i + 1000]
-            coll.update(ids=[cid for cid, _ in batch], metadatas=[meta for _, meta in batch])
-        if coll.count() != plan.total:
-            raise JobError(f"store check failed: {coll.count()} chunks stored, {plan.total} expected")
-        # The lexical index is rebuilt from exactly the chunks now in the store (ms for thousands), so
-        # it can never drift from the vectors; it is published with them in the same swap.
-        everything = coll.get(include=["documents"])
-        shutil.rmtree(gen / st.LEXICAL, ignore_errors=True)
-        lexical = BM25Index.build(list(everything["ids"]), list(everything["documents"]))
-        lexical.save(gen / st.LEXICAL)
-        info["lexical_docs"] = len(lexical)
-        coll.modify(metadata=st.build_metadata(info))
-    final = st.publish(store_path, gen)
+    if plan.remove:
+        coll.delete(ids=plan.remove)
+    for i in tqdm(range(0, len(plan.write), 1000), desc="store", unit="batch", leave=False):
+        batch = plan.write[i:i + 1000]
+        coll.upsert(
+            ids=[ch.id for ch in batch],
+            documents=[ch.text for ch in batch],
+            metadatas=[ch.metadata(commit) for ch in batch],
+            embeddings=[vectors[ch.text_sha] for ch in batch],
+        )
+    for i in range(0, len(plan.relabel), 1000):
+        batch = plan.relabel[i:i + 1000]
+        coll.update(ids=[cid for cid, _ in batch], metadatas=[meta for _, meta in batch])
+    if coll.count() != plan.total:
+        raise JobError(f"store check failed: {coll.count()} chunks stored, {plan.total} expected")
+    # The lexical index is rebuilt from exactly the chunks now in the store (ms for thousands), so
+    # it can never drift from the vectors; it is published with them in the same swap.
+    everything = coll.get(include=["documents"])
+    shutil.rmtree(work.folder / st.LEXICAL, ignore_errors=True)
+    lexical = BM25Index.build(list(everything["ids"]), list(everything["documents"]))
+    lexical.save(work.folder / st.LEXICAL)
+    info["lexical_docs"] = len(lexical)
+    coll.modify(metadata=st.build_metadata(info))
+    work.opened.close()  # Chroma has flushed everything: the folder is final
+    work.opened = None
+    final = st.publish(store_path, work.folder)
+    work.published = True
     summary.wrote = True
     st.collect_garbage(store_path)
     log.info("published %s (%d chunks, commit %s)", final.name, plan.total, commit[:12])
@@ -303,14 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def profile_from_args(args: argparse.Namespace) -> Profile:
-    overrides: dict[str, object] = dict(parse_override(s) for s in args.set)
-    overrides.update({
-        "store.path": getattr(args, "store", None),
-        "corpus": getattr(args, "corpus", None),
-        "chunking.size": getattr(args, "chunk_size", None),
-        "chunking.overlap": getattr(args, "chunk_overlap", None),
-    })
-    return load_profile(args.profile, overrides)
+    return load_profile(args.profile, overrides_from_cli(args.set, {
+        "store.path": ("--store", args.store),
+        "corpus": ("--corpus", args.corpus),
+        "chunking.size": ("--chunk-size", args.chunk_size),
+        "chunking.overlap": ("--chunk-overlap", args.chunk_overlap),
+    }))
 
 
 def main(argv: list[str] | None = None) -> int:

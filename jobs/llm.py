@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,10 @@ class Completion:
     prompt_tokens: int
     answer_tokens: int
     seconds: float
+    error: str = ""  # set when no answer could be produced: recorded and shown, never cached
+
+
+OnResult = Callable[[int, Completion], None]
 
 
 def load_kwargs(cfg: LLMConfig, location: str) -> dict:
@@ -100,15 +105,40 @@ class ChatLLM:
     def complete(self, user: str) -> Completion:
         return self.generate([self.render(user)])[0]
 
-    def generate(self, prompts: list[str]) -> list[Completion]:
-        """Greedy answers to rendered prompts, in order. batch_size 1 goes through HuggingFaceLLM one
-        prompt at a time; larger batches go through batched generate() with identical answers."""
-        if self.cfg.batch_size <= 1:
-            return [self._one(p) for p in prompts]
+    @property
+    def window(self) -> int:
+        """Tokens the model can attend to: prompt and answer together."""
+        return self.hf.context_window
+
+    def generate(self, prompts: list[str], on_result: OnResult | None = None) -> list[Completion]:
+        """Greedy answers to rendered prompts, in order; ``on_result(index, completion)`` as each is done.
+        batch_size 1 goes through HuggingFaceLLM one prompt at a time; larger batches go through batched
+        generate() with identical answers. A prompt that cannot fit the window with its answer is not
+        run: it comes back as a failed completion saying so."""
         out: list[Completion | None] = [None] * len(prompts)
-        for batch in self.batches([len(self.tokenizer(p)["input_ids"]) for p in prompts]):
-            for i, completion in zip(batch, self._batch([prompts[i] for i in batch])):
-                out[i] = completion
+
+        def done(i: int, completion: Completion) -> None:
+            out[i] = completion
+            if on_result is not None:
+                on_result(i, completion)
+
+        lengths = [len(self.tokenizer(p)["input_ids"]) for p in prompts]
+        runnable = []
+        for i, n in enumerate(lengths):
+            if n + self.cfg.max_new_tokens > self.window:
+                done(i, Completion("", prompts[i], n, 0, 0.0, error=(
+                    f"prompt of {n} tokens + {self.cfg.max_new_tokens} new tokens exceeds the model's window "
+                    f"of {self.window} tokens")))
+            else:
+                runnable.append(i)
+        if self.cfg.batch_size <= 1:
+            for i in runnable:
+                done(i, self._one(prompts[i]))
+        else:
+            for batch in self.batches([lengths[i] for i in runnable]):
+                rows = [runnable[j] for j in batch]
+                for i, completion in zip(rows, self._batch([prompts[i] for i in rows])):
+                    done(i, completion)
         return out  # type: ignore[return-value]
 
     def batches(self, lengths: list[int]) -> list[list[int]]:

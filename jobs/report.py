@@ -87,7 +87,14 @@ def latency_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _error(row: pd.Series) -> str:
+    value = row.get("error")
+    return "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value)
+
+
 def _outcome(row: pd.Series) -> str:
+    if _error(row):
+        return f"failed: {_error(row)}"
     if row["category"] == "negative":
         return "abstained" if row["abstained"] else "answered"
     if pd.isna(row["keyword_hit_rate"]):
@@ -114,8 +121,8 @@ def questions_table(df: pd.DataFrame) -> pd.DataFrame:
             "id": qid,
             "category": first["category"],
             "question": first["question"],
-            "expected": ", ".join(str(first["expected_keywords"]).split("|")) if first["expected_keywords"]
-            else "(abstain)",
+            "expected": "(abstain)" if first["category"] == "negative"
+            else ", ".join(k for k in str(first["expected_keywords"] or "").split("|") if k and k != "nan") or "–",
             "bare answer": b["answer"] if b is not None else "",
             "bare": _outcome(b) if b is not None else "",
             "RAG answer": r["answer"] if r is not None else "",
@@ -126,6 +133,21 @@ def questions_table(df: pd.DataFrame) -> pd.DataFrame:
     # Failures first (RAG missed a keyword or failed to abstain), then by id.
     table = table.sort_values(["_failed", "id"], ascending=[False, True], kind="stable")
     return table.drop(columns="_failed")
+
+
+def stale_sources_section(df: pd.DataFrame) -> list[str]:
+    """Questions whose expected sources the store does not hold (their retrieval scores are misses)."""
+    if "missing_sources" not in df:
+        return []
+    rows = df[(df["mode"] == "rag") & (df["missing_sources"].fillna("").astype(str) != "")]
+    if rows.empty:
+        return []
+    table = pd.DataFrame({"id": rows["id"], "question": rows["question"],
+                          "expected sources not in the store": rows["missing_sources"].str.replace("|", "\n")})
+    return [f"## Expected sources not in the store ({len(rows)})", "",
+            "These files are named by the question set but the store has no such file (renamed or removed "
+            "upstream?): retrieval cannot hit them, so hit@k and MRR count these as misses. Update the "
+            "question set.", "", _table(table), ""]
 
 
 def header_table(info: dict) -> pd.DataFrame:
@@ -179,6 +201,7 @@ def render(run_info: dict, header: dict, summary: dict, df: pd.DataFrame, compar
         "## Latency",
         _table(latency_table(df)),
         "",
+        *stale_sources_section(df),
         f"## Questions ({n_fail} of {n_questions} fail with RAG; failures first)",
         _table(questions_table(df)),
         "",

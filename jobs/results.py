@@ -47,22 +47,29 @@ class RunDir:
 
     @classmethod
     def resume(cls, reports_dir: Path, profile_name: str, info: dict, run: str | None) -> RunDir:
-        """The named run, or the newest unfinished run of this profile; it must be the same experiment."""
+        """The named run, or the newest unfinished run of this profile with the same settings and questions."""
         if run:
             path = Path(run) if Path(run).is_dir() else reports_dir / run
             if not (path / RUN_INFO).is_file():
                 raise JobError(f"--resume {run}: no run folder at {path}")
+            if (path / SUMMARY).is_file():
+                raise JobError(f"--resume {run}: that run is finished; start a new one instead")
+            differs = _differs(path, info)
+            if differs:
+                raise JobError(f"--resume {path.name}: that run used other settings ({', '.join(differs)} differ); "
+                               "start a new run instead")
         else:
-            candidates = sorted((p for p in reports_dir.glob(f"*-{profile_name}*")
-                                 if (p / RUN_INFO).is_file() and not (p / SUMMARY).is_file()), reverse=True)
-            if not candidates:
+            unfinished = sorted((p for p in reports_dir.glob(f"*-{profile_name}*")
+                                 if (p / RUN_INFO).is_file() and not (p / SUMMARY).is_file()),
+                                key=_started, reverse=True)
+            if not unfinished:
                 raise JobError(f"--resume: no unfinished run of profile {profile_name!r} in {reports_dir}")
-            path = candidates[0]
-        old = json.loads((path / RUN_INFO).read_text(encoding="utf-8"))
-        differs = [k for k in ("questions_sha256", "experiment") if old.get(k) != info.get(k)]
-        if differs:
-            raise JobError(f"--resume {path.name}: that run used other settings ({', '.join(differs)} differ); "
-                           "start a new run instead")
+            matching = [p for p in unfinished if not _differs(p, info)]
+            if not matching:
+                listed = "; ".join(f"{p.name} ({', '.join(_differs(p, info))} differ)" for p in unfinished[:5])
+                raise JobError(f"--resume: no unfinished run of profile {profile_name!r} used these settings and "
+                               f"questions (unfinished: {listed}); start a new run, or resume one with its settings")
+            path = matching[0]
         log.info("resuming run %s", path.name)
         return cls(path)
 
@@ -105,6 +112,22 @@ class RunDir:
 
     def finished(self) -> bool:
         return (self.path / SUMMARY).is_file()
+
+
+def _read_info(path: Path) -> dict:
+    try:
+        return json.loads((path / RUN_INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _differs(path: Path, info: dict) -> list[str]:
+    old = _read_info(path)
+    return [k for k in ("questions_sha256", "experiment") if old.get(k) != info.get(k)]
+
+
+def _started(path: Path) -> str:
+    return str(_read_info(path).get("started_at", ""))
 
 
 def point_latest(reports_dir: Path, run: RunDir, headline: str) -> None:

@@ -69,19 +69,39 @@ class StoreRetriever:
         self.rrf_k = profile.retrieval.rrf_k
         self.fusion_depth = profile.retrieval.fusion_depth
         self.bm25_weight = profile.retrieval.bm25_weight
-        self.client, self.collection, self.build_info, live = st.open_for_query(
-            profile.store.path, profile.store.collection, embedder.identity()
-        )
-        self.lexical: BM25Index | None = None
-        if self.mode in ("bm25", "hybrid"):
-            try:
-                self.lexical = BM25Index.load(live / st.LEXICAL)
-            except ValueError as exc:
-                self.client.close()
-                raise JobError(f"store {profile.store.path} has no usable lexical index ({exc}); "
-                               "re-run `make ingest`") from None
+        try:
+            self.snapshot = st.Snapshot(profile.store.path, profile.store.collection)
+        except st.DamagedStore as exc:
+            raise JobError(f"store {profile.store.path} is damaged ({exc}): run `make ingest PROFILE={profile.name}` "
+                           "to repair it (it falls back to the previous generation, or rebuilds)") from None
+        try:
+            self._check_identity(profile, embedder)
+            self.lexical: BM25Index | None = None
+            if self.mode in ("bm25", "hybrid"):
+                try:
+                    self.lexical = BM25Index.load(self.snapshot.folder / st.LEXICAL)
+                except ValueError as exc:
+                    raise JobError(f"store {profile.store.path} has no usable lexical index ({exc}); "
+                                   "re-run `make ingest`") from None
+        except BaseException:
+            self.snapshot.close()
+            raise
+        self.collection, self.build_info = self.snapshot.collection, self.snapshot.info
         vector_store = ChromaVectorStore(chroma_collection=self.collection)
         self.index = VectorStoreIndex.from_vector_store(vector_store, embed_model=embedder.model)
+
+    def _check_identity(self, profile: Profile, embedder: Embedder) -> None:
+        """Refuse a store built by another embedder (or with other prefixes): its vectors mean nothing here."""
+        info = self.snapshot.info
+        mismatch = {k: (info.get(k), v) for k, v in embedder.identity().items() if info.get(k) != v}
+        if mismatch:
+            what = ", ".join(f"{k}: store has {a!r}, query uses {b!r}" for k, (a, b) in mismatch.items())
+            raise JobError(f"store {profile.store.path} was built with another embedder ({what}); "
+                           "re-run `make ingest`")
+
+    def paths(self) -> set[str]:
+        """Every source file the store holds (chunk ids are ``path#ordinal``)."""
+        return {cid.rsplit("#", 1)[0] for cid in self.collection.get(include=[])["ids"]}
 
     def dense(self, question: str, k: int) -> list[Hit]:
         nodes = self.index.as_retriever(similarity_top_k=k).retrieve(question)
@@ -119,7 +139,7 @@ class StoreRetriever:
         return getattr(self, self.mode)(question, k)
 
     def close(self) -> None:
-        self.client.close()
+        self.snapshot.close()
 
     def __enter__(self) -> StoreRetriever:
         return self

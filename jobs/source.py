@@ -1,9 +1,11 @@
 """Corpus manifests and their sources: a pinned git ref, tried across mirrors, or a local snapshot.
 
-A manifest (``corpora/<name>.toml``) pins one commit. Sources are tried in order; git sources are
-cloned (shallow where the server allows) into the cache and checked out at the pinned commit, which
-is verified. A folder source is a snapshot of that commit; its ``SNAPSHOT.md`` names the commit and
-must agree with the pin.
+A manifest (``corpora/<name>.toml``) pins one ref: a commit sha (full or short) or a tag. Sources are
+tried in order; git sources are cloned (shallow where the server allows) into the cache and checked out
+at the ref, and the commit they resolve it to is verified against a sha pin. A folder source is a
+snapshot of one commit; its ``SNAPSHOT.md`` names the commit (and tag), and must agree with the pin,
+else the folder is refused. A folder without a ``SNAPSHOT.md`` has no provenance: it is identified by
+its content and used with a warning (``--source DIR`` for a local copy).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ else:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
+SHORT_SHA = re.compile(r"^[0-9a-f]{4,39}$")
 SNAPSHOT_COMMIT = re.compile(r"Commit:\s*`?([0-9a-f]{40})`?")
+SNAPSHOT_TAG = re.compile(r"^\W*Tag:\s*`?([^`\s]+)`?", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -183,7 +187,7 @@ def _fetch_git(url: str, ref: str, cache_dir: Path, timeout_s: float) -> tuple[P
     _git(["checkout", "-q", "--force", "--detach", have], repo, timeout_s)
     _git(["clean", "-q", "-fdx"], repo, timeout_s)
     head = _git(["rev-parse", "HEAD"], repo, timeout_s)
-    if FULL_SHA.match(ref) and head != ref:
+    if (FULL_SHA.match(ref) or SHORT_SHA.match(ref)) and not head.startswith(ref):
         raise JobError(f"checked out {head}, but the manifest pins {ref}")
     return repo, head
 
@@ -199,13 +203,21 @@ def _use_folder(folder: Path, ref: str) -> tuple[Path, str]:
     if not folder.is_dir():
         raise JobError(f"folder {folder} does not exist")
     snapshot = folder / "SNAPSHOT.md"
-    if snapshot.is_file():
-        m = SNAPSHOT_COMMIT.search(snapshot.read_text(encoding="utf-8", errors="replace"))
-        if m:
-            if FULL_SHA.match(ref) and m.group(1) != ref:
-                raise JobError(f"snapshot is at commit {m.group(1)}, the manifest pins {ref}")
-            return folder, m.group(1)
+    text = snapshot.read_text(encoding="utf-8", errors="replace") if snapshot.is_file() else ""
+    m = SNAPSHOT_COMMIT.search(text)
+    if m:
+        commit, tags = m.group(1), SNAPSHOT_TAG.findall(text)
+        if FULL_SHA.match(ref) or SHORT_SHA.match(ref):
+            if not commit.startswith(ref):
+                raise JobError(f"snapshot is at commit {commit}, the manifest pins {ref}")
+        elif ref not in tags:
+            named = f" and tag {', '.join(tags)}" if tags else ""
+            raise JobError(f"snapshot is at commit {commit}{named}; the manifest pins {ref!r}, which is neither a "
+                           "commit sha nor a tag the snapshot names: pin the commit sha")
+        return folder, commit
     # A folder without provenance: identify it by content, so a changed folder is a changed corpus.
+    log.warning("folder %s has no SNAPSHOT.md naming its commit: the pin %s cannot be verified; "
+                "identifying the folder by its content", folder, ref)
     digest = hashlib.sha1()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(path.relative_to(folder).as_posix().encode())

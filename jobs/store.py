@@ -1,15 +1,22 @@
-"""The persistent Chroma store: generations swapped atomically, a lock, and a record of what built it.
+"""The persistent Chroma store: immutable generations swapped atomically, leases for readers, a lock for
+the one writer, and a record of what built it.
 
-Layout for a store path ``stores/xtuner``::
+Layout for a store path ``stores/xtuner`` (a folder: it may be created by hand or be a mounted volume)::
 
-    stores/xtuner                 -> symlink to the live generation
-    stores/.xtuner.gens/<gen>/    Chroma PersistentClient folders (the live one and the previous one)
-    stores/.xtuner.lock           flock held by the one ingest that may write
+    stores/xtuner/current         -> symlink to the live generation
+    stores/xtuner/gens/<gen>/     Chroma PersistentClient folders (the live one and the previous one)
+    stores/xtuner/gens/<gen>/MANIFEST.json   sha256 of every file of the generation, written last
+    stores/xtuner/ingest.lock     flock held by the one ingest that may write
 
-An ingest never writes to the live generation: it copies it, applies its changes to the copy,
-closes Chroma, then swaps the symlink with one ``rename``. A kill -9 at any moment therefore leaves
-the old generation live (and a stale copy that the next run deletes) or the new one: never a
-half-built store.
+Stores written before this layout (``stores/xtuner`` a symlink into ``stores/.xtuner.gens/``) are still
+read and updated in place.
+
+A published generation is never written again. Chroma writes to its sqlite file whenever a client
+merely opens it, so nobody opens a published generation: an ingest applies its changes to a private
+copy and publishes that copy with one ``rename`` of a symlink; a reader (eval, check) verifies and opens
+a private copy too (milliseconds at this corpus size). Kill -9 at any moment leaves the old generation or
+the new one live, never half of one. A reader holds a shared lease on its generation while it reads,
+and garbage collection skips leased generations, so a publish can never delete what an eval is reading.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,11 +38,15 @@ import chromadb
 from chromadb.config import Settings
 
 from jobs.errors import JobError
+from jobs.files import pid_alive
 
 log = logging.getLogger(__name__)
 
 BUILD_PREFIX = "build."
 LEXICAL = "lexical"  # the BM25 index's folder inside a generation
+MANIFEST = "MANIFEST.json"
+LEASE = ".lease"  # readers hold it shared; garbage collection needs it exclusive
+SQLITE = "chroma.sqlite3"
 # The vector index. Chroma's defaults (ef 100/100, multithreaded inserts) build a different HNSW graph
 # each time, and two builds of the same corpus disagreed on 2 of 69 questions' top-20; at a docs-sized
 # store, search this wide is exact up to ties and costs milliseconds, so a rebuild cannot move a nightly score.
@@ -43,36 +56,65 @@ INDEX_SPEC = "hnsw " + " ".join(f"{k}={v}" for k, v in HNSW.items())
 REBUILD_KEYS = ("embedder", "embedder_dtype", "embedder_dim", "embedder_window", "query_prefix", "passage_prefix",
                 "chunk_size", "chunk_overlap", "code_max_lines", "chunker_version", "index")
 _GET_PAGE = 2000
+_READER_PREFIX = "rag-store-reader-"
+_RESOLVE_TRIES = 20
 
 
-def _settings() -> Settings:
+class DamagedStore(JobError):
+    """A generation whose files are not what was published (truncated, overwritten) or that Chroma cannot read."""
+
+
+def client_settings() -> Settings:
     return Settings(anonymized_telemetry=False, allow_reset=False)
 
 
+# ---- layout ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path  # the store path as configured
+    link: Path  # the symlink naming the live generation
+    gens: Path
+    lock: Path
+
+
+def layout(store: Path) -> Layout:
+    """Where a store keeps its parts. An empty folder is adopted; a folder of other files is refused."""
+    if store.is_symlink():  # the layout of stores written before the store became a folder
+        return Layout(store, store, store.parent / f".{store.name}.gens", store.parent / f".{store.name}.lock")
+    if store.exists() and not store.is_dir():
+        raise JobError(f"store {store} is a file, not a store folder: pick another --store")
+    if store.is_dir():
+        foreign = sorted(p.name for p in store.iterdir() if p.name not in ("current", "gens", "ingest.lock"))
+        if foreign:
+            raise JobError(
+                f"store {store} is a folder with other files ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}), not a store written by jobs.ingest: "
+                "empty it or pick another --store"
+            )
+    return Layout(store, store / "current", store / "gens", store / "ingest.lock")
+
+
 def gens_dir(store: Path) -> Path:
-    return store.parent / f".{store.name}.gens"
+    return layout(store).gens
 
 
 def lock_path(store: Path) -> Path:
-    return store.parent / f".{store.name}.lock"
+    return layout(store).lock
 
 
 def live_generation(store: Path) -> Path | None:
-    if store.is_symlink():
-        target = store.resolve()
-        return target if target.is_dir() else None
-    if store.exists():
-        raise JobError(
-            f"store {store} is a plain folder, not a store written by jobs.ingest (expected a link to "
-            f"{gens_dir(store)}/...): move it away or pick another --store"
-        )
-    return None
+    link = layout(store).link
+    if not link.is_symlink():
+        return None
+    target = link.resolve()
+    return target if target.is_dir() else None
 
 
 @contextlib.contextmanager
 def ingest_lock(store: Path) -> Iterator[None]:
     """Refuse a second concurrent ingest of the same store. The OS drops the lock if we die."""
-    path = lock_path(store)
+    path = layout(store).lock
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -88,9 +130,12 @@ def ingest_lock(store: Path) -> Iterator[None]:
         os.close(fd)
 
 
+# ---- Chroma access -----------------------------------------------------------------------------
+
 @contextlib.contextmanager
 def client(folder: Path) -> Iterator[chromadb.ClientAPI]:
-    c = chromadb.PersistentClient(path=str(folder), settings=_settings())
+    """A Chroma client on a private folder (a working copy): opening writes to its sqlite file."""
+    c = chromadb.PersistentClient(path=str(folder), settings=client_settings())
     try:
         yield c
     finally:
@@ -133,29 +178,220 @@ def get_collection(c: chromadb.ClientAPI, name: str, *, create: bool) -> chromad
         raise JobError(f"collection {name!r} not found in store: {exc}") from None
 
 
-def new_generation(store: Path, live: Path | None) -> Path:
-    """A private copy of the live generation (or an empty folder) to apply changes to."""
-    root = gens_dir(store)
+def build_metadata(info: dict) -> dict:
+    """Flatten build info for Chroma's collection metadata (str/int/float/bool only)."""
+    out = {}
+    for k, v in info.items():
+        out[BUILD_PREFIX + k] = v if isinstance(v, (str, int, float, bool)) else json.dumps(v, sort_keys=True)
+    return out
+
+
+# ---- integrity ---------------------------------------------------------------------------------
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and p.name not in (MANIFEST, LEASE))
+
+
+def write_manifest(gen: Path) -> None:
+    """The sha256 of every file, written last: a generation with a manifest is whole."""
+    from jobs.files import atomic_write, sha256_file
+
+    files = {rel: sha256_file(gen / rel) for rel in _files(gen)}
+    atomic_write(gen / MANIFEST, json.dumps({"files": files}, indent=1, sort_keys=True))
+
+
+def _copy_verified(src: Path, dest: Path) -> None:
+    """Copy a generation, checking each file against its manifest while it is read (one pass)."""
+    import hashlib
+
+    manifest_path = src / MANIFEST
+    expected: dict[str, str] | None = None
+    if manifest_path.is_file():
+        try:
+            expected = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DamagedStore(f"{manifest_path}: unreadable manifest ({exc})") from None
+    present = _files(src)
+    if expected is not None and sorted(expected) != present:
+        missing = sorted(set(expected) - set(present))
+        extra = sorted(set(present) - set(expected))
+        raise DamagedStore(f"generation {src.name}: files differ from its manifest (missing {missing[:3]}, "
+                           f"unexpected {extra[:3]})")
+    for rel in present:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        with open(src / rel, "rb") as fin, open(target, "wb") as fout:
+            while block := fin.read(1 << 20):
+                digest.update(block)
+                fout.write(block)
+        if expected is not None and digest.hexdigest() != expected[rel]:
+            raise DamagedStore(f"generation {src.name}: {rel} is not the file that was published "
+                               "(checksum mismatch: truncated or overwritten)")
+    if expected is not None:
+        shutil.copy2(manifest_path, dest / MANIFEST)
+
+
+def _sqlite_problem(folder: Path) -> str | None:
+    """SQLite's own quick check, read-only: None when the database is sound."""
+    path = folder / SQLITE
+    if not path.is_file():
+        return f"{SQLITE} missing"
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = con.execute("PRAGMA quick_check").fetchall()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        return f"{SQLITE}: {exc}"
+    result = "; ".join(str(r[0]) for r in rows[:3])
+    return None if result == "ok" else f"{SQLITE}: {result}"
+
+
+@contextlib.contextmanager
+def private_copy(gen: Path) -> Iterator[Path]:
+    _remove_stale_reader_copies()
+    copy = Path(tempfile.mkdtemp(prefix=f"{_READER_PREFIX}{os.getpid()}-"))
+    try:
+        _copy_verified(gen, copy)
+        yield copy
+    except DamagedStore:
+        raise
+    except OSError as exc:
+        raise DamagedStore(f"generation {gen.name}: cannot be read ({exc})") from None
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
+def _remove_stale_reader_copies() -> None:
+    """Private copies left by killed readers (their pid is in the name)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_READER_PREFIX}*"):
+        pid = path.name.removeprefix(_READER_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class OpenCopy:
+    client: chromadb.ClientAPI
+    collection: chromadb.Collection
+    info: dict
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def create_collection(folder: Path, name: str) -> OpenCopy:
+    """An empty collection in a new working copy."""
+    c = chromadb.PersistentClient(path=str(folder), settings=client_settings())
+    return OpenCopy(c, get_collection(c, name, create=True), {})
+
+
+def open_copy(copy: Path, gen: Path, name: str) -> OpenCopy:
+    """Open a private copy of ``gen`` with Chroma; every way it can be broken is a DamagedStore."""
+    problem = _sqlite_problem(copy)
+    if problem:
+        raise DamagedStore(f"generation {gen.name}: {problem}")
+    try:
+        c = chromadb.PersistentClient(path=str(copy), settings=client_settings())
+    except Exception as exc:  # noqa: BLE001 - chromadb raises its own InternalError / sqlite errors
+        raise DamagedStore(f"generation {gen.name}: Chroma cannot open it ({str(exc).splitlines()[0]})") from None
+    try:
+        coll = get_collection(c, name, create=False)
+    except JobError:
+        c.close()
+        raise  # not damage: the store holds no such collection (another profile's, or a renamed one)
+    try:
+        info = read_build_info(coll)
+        count = coll.count()
+        if "chunks" in info and count != info["chunks"]:
+            raise DamagedStore(f"generation {gen.name}: {count} chunks stored, its build record says {info['chunks']}")
+        if count:  # the vector index loads and answers
+            first = coll.get(limit=1, include=["embeddings"])
+            coll.query(query_embeddings=[list(first["embeddings"][0])], n_results=1)
+    except DamagedStore:
+        c.close()
+        raise
+    except Exception as exc:  # noqa: BLE001
+        c.close()
+        raise DamagedStore(f"generation {gen.name}: Chroma cannot read it ({str(exc).splitlines()[0]})") from None
+    return OpenCopy(c, coll, info)
+
+
+# ---- leases ------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def lease(store: Path) -> Iterator[Path]:
+    """The live generation, held with a shared lease until the block ends: garbage collection skips it."""
+    for _ in range(_RESOLVE_TRIES):
+        gen = live_generation(store)
+        if gen is None:
+            raise JobError(f"no store at {store}: run `make ingest` (or python -m jobs.ingest) first")
+        try:
+            fd = os.open(gen / LEASE, os.O_RDONLY)
+        except FileNotFoundError:
+            if not gen.is_dir():
+                continue  # collected between resolving and opening: resolve again
+            fd = _create_lease(gen)  # a generation from before leases
+        except PermissionError:
+            fd = -1  # a read-only store nobody can collect from: no lease needed
+        try:
+            if fd >= 0:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            if not gen.is_dir():
+                continue  # collected while we waited for the lease
+            yield gen
+            return
+        finally:
+            if fd >= 0:
+                os.close(fd)
+    raise JobError(f"store {store}: the live generation kept changing while it was being opened; try again")
+
+
+def _create_lease(gen: Path) -> int:
+    try:
+        return os.open(gen / LEASE, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError:
+        return -1
+
+
+# ---- writing -----------------------------------------------------------------------------------
+
+def new_generation(store: Path, base: Path | None) -> Path:
+    """A private working copy of ``base`` (verified against its manifest), or an empty folder."""
+    root = layout(store).gens
     root.mkdir(parents=True, exist_ok=True)
     # Microseconds: names sort by age, and two runs in one second never collide.
     gen = root / f"g{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%f')}-{os.getpid()}.tmp"
-    if live is not None:
-        shutil.copytree(live, gen)
-    else:
-        gen.mkdir()
+    gen.mkdir()
+    if base is not None:
+        try:
+            _copy_verified(base, gen)
+        except BaseException:
+            shutil.rmtree(gen, ignore_errors=True)
+            raise
+        (gen / MANIFEST).unlink(missing_ok=True)  # the copy will change: its manifest is written at publish
     return gen
 
 
 def publish(store: Path, gen: Path) -> Path:
-    """Make ``gen`` live with one atomic rename of a symlink; keep the previous generation."""
+    """Seal ``gen`` (manifest, lease file) and make it live with one atomic rename of a symlink."""
+    lay = layout(store)
+    lay.root.parent.mkdir(parents=True, exist_ok=True)
+    if lay.link != lay.root:
+        lay.root.mkdir(exist_ok=True)
+    write_manifest(gen)
+    (gen / LEASE).touch()
     final = gen.with_name(gen.name.removesuffix(".tmp"))
     os.replace(gen, final)
-    tmp_link = store.with_name(f".{store.name}.link-{os.getpid()}")
+    tmp_link = lay.link.with_name(f".{lay.link.name}.link-{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):
         tmp_link.unlink()
-    os.symlink(os.path.relpath(final, store.parent), tmp_link)
-    os.replace(tmp_link, store)
-    _fsync_dir(store.parent)
+    os.symlink(os.path.relpath(final, lay.link.parent), tmp_link)
+    os.replace(tmp_link, lay.link)
+    _fsync_dir(lay.link.parent)
     return final
 
 
@@ -167,44 +403,77 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def finished_generations(store: Path) -> list[Path]:
+    """Published generations, newest first."""
+    root = layout(store).gens
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("g") and "." not in p.name),
+                  key=lambda p: p.name, reverse=True)
+
+
 def collect_garbage(store: Path, keep: int = 2) -> int:
-    """Delete stale copies from killed runs and all but the newest ``keep`` generations (live kept)."""
-    root = gens_dir(store)
+    """Delete working copies of killed ingests, and generations beyond the newest ``keep`` (the live one
+    always kept) that no reader holds. Called under the ingest lock, so no other working copy is live."""
+    root = layout(store).gens
     if not root.is_dir():
         return 0
-    live = live_generation(store)
+    keep_set = set(finished_generations(store)[:keep]) | {live_generation(store)}
     removed = 0
-    gens = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True)
-    finished = [p for p in gens if not p.name.endswith(".tmp")]
-    for p in gens:
-        if p == live:
+    for p in root.iterdir():
+        if not p.is_dir() or p in keep_set:
             continue
-        if p.name.endswith(".tmp") or p not in finished[:keep]:
+        if p.name.endswith(".tmp") or ".deleting-" in p.name:
             shutil.rmtree(p, ignore_errors=True)
             removed += 1
+        else:
+            removed += _delete_unleased(p)
     return removed
 
 
-def open_for_query(store: Path, collection: str, identity: dict
-                   ) -> tuple[chromadb.ClientAPI, chromadb.Collection, dict, Path]:
-    """Open the live generation read-only, refusing a store built by another embedder."""
-    live = live_generation(store)
-    if live is None:
-        raise JobError(f"no store at {store}: run `make ingest` (or python -m jobs.ingest) first")
-    c = chromadb.PersistentClient(path=str(live), settings=_settings())
-    coll = get_collection(c, collection, create=False)
-    info = read_build_info(coll)
-    mismatch = {k: (info.get(k), v) for k, v in identity.items() if info.get(k) != v}
-    if mismatch:
-        c.close()
-        what = ", ".join(f"{k}: store has {a!r}, query uses {b!r}" for k, (a, b) in mismatch.items())
-        raise JobError(f"store {store} was built with another embedder ({what}); re-run `make ingest`")
-    return c, coll, info, live
+def _delete_unleased(gen: Path) -> int:
+    try:
+        fd = os.open(gen / LEASE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return 0
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("keeping generation %s: a reader holds it", gen.name)
+            return 0
+        # Renamed first, under the lease: a reader that opens the lease now finds the name gone and retries.
+        doomed = gen.with_name(f"{gen.name}.deleting-{os.getpid()}")
+        os.replace(gen, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        return 1
+    finally:
+        os.close(fd)
 
 
-def build_metadata(info: dict) -> dict:
-    """Flatten build info for Chroma's collection metadata (str/int/float/bool only)."""
-    out = {}
-    for k, v in info.items():
-        out[BUILD_PREFIX + k] = v if isinstance(v, (str, int, float, bool)) else json.dumps(v, sort_keys=True)
-    return out
+
+class Snapshot:
+    """A read-only view of the live generation: leased for as long as it is open, verified against its
+    manifest, and opened from a private copy, so a reader can neither damage the store nor lose it to
+    a publish."""
+
+    def __init__(self, store: Path, collection: str) -> None:
+        self._stack = contextlib.ExitStack()
+        try:
+            self.generation = self._stack.enter_context(lease(store))
+            self.folder = self._stack.enter_context(private_copy(self.generation))
+            opened = open_copy(self.folder, self.generation, collection)
+        except BaseException:
+            self._stack.close()
+            raise
+        self._stack.callback(opened.close)
+        self.client, self.collection, self.info = opened.client, opened.collection, opened.info
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

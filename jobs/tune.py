@@ -26,7 +26,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from jobs import log as joblog
-from jobs.config import ROOT, Profile, load_profile, parse_override
+from jobs.config import ROOT, Profile, load_profile, overrides_from_cli
 from jobs.embedding import Embedder, load_embedder
 from jobs.errors import JobError
 from jobs.files import atomic_write
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     joblog.setup(args.verbose)
-    profile = load_profile(args.profile, dict(parse_override(x) for x in args.set))
+    profile = load_profile(args.profile, overrides_from_cli(args.set, {}))
     if args.questions.resolve() == profile.eval.questions.resolve():
         log.warning("tuning on %s, the profile's own eval questions: the report's retrieval numbers will be "
                     "fitted to them", args.questions)

@@ -34,7 +34,17 @@ def test_overrides_are_typed():
     ({"store.collection": "x"}, "Chroma needs 3-512 chars"),
     ({"nosuch.key": "1"}, "unknown section 'nosuch'"),
     ({"embedder.dtype": "half"}, r"\[embedder\]\.dtype='half': expected one of auto, float32"),
-    ({"retrieval.bm25_weight": "-1"}, "rrf_k and bm25_weight must be >= 0"),
+    ({"retrieval.bm25_weight": "-1"}, r"\[retrieval\]\.bm25_weight=-1\.0: must be between 0\.0 and 100\.0"),
+    ({"retrieval.bm25_weight": "nan"}, r"bm25_weight: expected a finite number, got 'nan'"),
+    ({"llm.max_new_tokens": "-5"}, r"\[llm\]\.max_new_tokens=-5: must be between 1 and 32768"),
+    ({"llm.batch_size": "-3"}, r"\[llm\]\.batch_size=-3: must be between 1 and 1024"),
+    ({"llm.batch_size": "abc"}, r"\[llm\]\.batch_size: expected an integer, got 'abc'"),
+    ({"llm.seed": "-1"}, r"\[llm\]\.seed=-1: must be between 0"),
+    ({"retrieval.top_k": "0"}, r"\[retrieval\]\.top_k=0: must be between 1 and 100"),
+    ({"retrieval.top_k": "30"}, r"need top_k \(30\) <= check_depth \(20\)"),
+    ({"embedder.batch_size": "0"}, r"\[embedder\]\.batch_size=0: must be between 1 and 4096"),
+    ({"eval.max_question_chars": "0"}, r"max_question_chars=0: must be between 1 and 100000"),
+    ({"llm.stop_ids": "2,-1"}, r"stop_ids=\[2, -1\]: token ids are >= 0"),
     ({"retrieval.bm25_weight": "heavy"}, r"bm25_weight: expected a number, got 'heavy'"),
 ])
 def test_bad_settings_name_the_setting(overrides, message):
@@ -62,3 +72,38 @@ def test_unprepared_model_says_run_make_models(tmp_path: Path):
     p = load_profile("offline", {"paths.cache": str(tmp_path)})
     with pytest.raises(JobError, match="run `make models PROFILE=offline`"):
         p.resolve_model(p.llm.model)
+
+
+def test_every_numeric_setting_has_a_range():
+    import dataclasses
+
+    from jobs.config import _SECTION_TYPES
+
+    for name, cls in _SECTION_TYPES.items():
+        for f in dataclasses.fields(cls):
+            if f.type in ("int", "float"):
+                assert "range" in f.metadata, f"[{name}].{f.name} has no range"
+
+
+def test_set_values_keep_their_exact_text():
+    from jobs.config import overrides_from_cli
+
+    p = load_profile("offline", overrides_from_cli(["embedder.passage_prefix=doc: ", "embedder.query_prefix= q: "], {}))
+    assert p.embedder.passage_prefix == "doc: " and p.embedder.query_prefix == " q: "
+
+
+def test_an_unset_flag_overrides_nothing_and_a_conflict_is_refused():
+    from jobs.config import overrides_from_cli
+
+    flags = {"chunking.size": ("--chunk-size", None), "store.path": ("--store", None)}
+    p = load_profile("offline", overrides_from_cli(["chunking.size=200", "store.path=stores/x"], flags))
+    assert p.chunking.size == 200 and p.store.path == ROOT / "stores/x"
+    p = load_profile("offline", overrides_from_cli([], {"chunking.size": ("--chunk-size", 100)}))
+    assert p.chunking.size == 100
+    # The same value twice is fine; two different values are refused, naming both.
+    assert overrides_from_cli(["llm.seed=3"], {"llm.seed": ("--seed", 3)}) == {"llm.seed": 3}
+    with pytest.raises(JobError, match=r"chunking\.size is given twice with different values "
+                                       r"\(--set chunking\.size=200 and --chunk-size 100\)"):
+        overrides_from_cli(["chunking.size=200"], {"chunking.size": ("--chunk-size", 100)})
+    with pytest.raises(JobError, match="given twice"):
+        overrides_from_cli(["llm.seed=1", "llm.seed=2"], {})

@@ -93,13 +93,13 @@ def test_end_to_end_report_numbers_match_results_csv(ingested):
 def test_bad_questions_fail_before_any_model_loads(tmp_path, ingested):
     bad = tmp_path / "bad.csv"
     bad.write_text("id,question,language,expected_keywords,expected_sources,category,notes\n"
-                   "a,,zh,x,,factual,\na,Q?,fr,x,,trivia,\n", encoding="utf-8")
+                   "a,,zh,x,,factual,\na,Q?,fr,x,,trivia!,\n", encoding="utf-8")
     with pytest.raises(JobError) as err:
         evaluate(load_profile(str(ingested)), questions=bad)
     lines = str(err.value).splitlines()
     assert f"{bad}:2: question: empty" in lines
     assert any(f"{bad}:3: id: duplicate 'a' (first on row 2)" == x for x in lines)
-    assert any(x.startswith(f"{bad}:3: category: 'trivia'") for x in lines)
+    assert any(x.startswith(f"{bad}:3: category: 'trivia!': a name of 1-40 letters") for x in lines)
     assert any(x.startswith(f"{bad}:3: language: 'fr'") for x in lines)
     assert not (tmp_path / "reports").exists()
 

@@ -25,13 +25,18 @@ from tests.conftest import MINI_QUESTIONS, write_manifest, write_profile
 
 
 def lexical_ids(profile) -> list[str]:
-    return BM25Index.load(st.live_generation(profile.store.path) / st.LEXICAL).ids
+    with st.Snapshot(profile.store.path, profile.store.collection) as snap:
+        return BM25Index.load(snap.folder / st.LEXICAL).ids
+
+
+def build_record(profile) -> dict:
+    with st.Snapshot(profile.store.path, profile.store.collection) as snap:
+        return snap.info
 
 
 def stored(profile) -> dict[str, dict]:
-    with st.client(st.live_generation(profile.store.path)) as c:
-        coll = st.get_collection(c, profile.store.collection, create=False)
-        page = coll.get(include=["metadatas", "documents", "embeddings"])
+    with st.Snapshot(profile.store.path, profile.store.collection) as snap:
+        page = snap.collection.get(include=["metadatas", "documents", "embeddings"])
         return {i: {"meta": m, "text": d, "emb": list(e)}
                 for i, m, d, e in zip(page["ids"], page["metadatas"], page["documents"], page["embeddings"])}
 
@@ -107,8 +112,7 @@ def test_clones_pinned_ref_from_git(tmp_path, git_repo, minilm_path, minilm_embe
     assert "docs/en/config.md" in paths  # added by the pinned commit
     assert "docs/en/late.md" not in paths  # added after it
     assert {c["meta"]["commit"] for c in stored(profile).values()} == {shas[1]}
-    with st.client(st.live_generation(profile.store.path)) as c:
-        info = st.read_build_info(st.get_collection(c, "mini_docs", create=False))
+    info = build_record(profile)
     assert info["corpus_commit"] == shas[1] and info["chunk_size"] == 64
     assert info["embedder_dim"] == 384 and info["chunks"] == summary.chunks
 
@@ -134,7 +138,8 @@ def test_every_source_failing_lists_what_was_tried(tmp_path, git_repo, minilm_pa
         ingest(profile)
     msg = str(err.value)
     assert bad_ref in msg and f"git {repo}" in msg and "missing" in msg
-    assert not profile.store.path.exists()  # nothing half-written
+    # Nothing half-written: no generation, not even a working copy (only the lock file of the attempt).
+    assert st.live_generation(profile.store.path) is None and not st.gens_dir(profile.store.path).exists()
 
 
 def test_bad_manifest_is_a_clear_error(tmp_path, minilm_path):
@@ -184,9 +189,7 @@ def test_bf16_embedder_is_recorded_rebuilds_and_stays_close(mini_profile, minilm
     summary = ingest(profile, embedder=half)
     # Vectors of another precision are never mixed into a store: the change re-embeds everything.
     assert summary.rebuilt and summary.embedded == len(fp32)
-    with st.client(st.live_generation(profile.store.path)) as c:
-        assert st.read_build_info(st.get_collection(c, profile.store.collection, create=False))[
-            "embedder_dtype"] == "bfloat16"
+    assert build_record(profile)["embedder_dtype"] == "bfloat16"
     bf16 = stored(profile)
     assert bf16.keys() == fp32.keys()
     for cid, chunk in fp32.items():
@@ -204,10 +207,9 @@ def test_index_settings_are_applied_recorded_and_a_change_rebuilds(mini_profile,
     monkeypatch.undo()
     summary = ingest(mini_profile, embedder=minilm_embedder)
     assert summary.rebuilt and summary.embedded == summary.chunks
-    with st.client(st.live_generation(mini_profile.store.path)) as c:
-        coll = st.get_collection(c, mini_profile.store.collection, create=False)
-        assert st.read_build_info(coll)["index"] == st.INDEX_SPEC
-        hnsw = coll.configuration_json["hnsw"]  # as persisted
+    with st.Snapshot(mini_profile.store.path, mini_profile.store.collection) as snap:
+        assert snap.info["index"] == st.INDEX_SPEC
+        hnsw = snap.collection.configuration_json["hnsw"]  # as persisted
         assert (hnsw["ef_search"], hnsw["ef_construction"], hnsw["space"]) == (500, 200, "cosine")
     assert not ingest(mini_profile, embedder=minilm_embedder).wrote  # and then it is up to date
 
@@ -255,9 +257,10 @@ def test_kill_9_leaves_a_queryable_store_and_rerun_completes(tmp_path, corpus_di
         proc = subprocess.Popen(_cli(prof_path), cwd=ROOT, stdout=log, stderr=log)
         started = time.monotonic()
         while time.monotonic() - started < 240 and proc.poll() is None:
-            writing = any(p.name.endswith(".tmp") for p in gens.iterdir())
-            if phase == "embedding" and not writing and b"Generating embeddings" in (
-                    tmp_path / f"{phase}.log").read_bytes():
+            # The working copy exists from the start; "store:" is the progress bar of the writes into it.
+            text = (tmp_path / f"{phase}.log").read_bytes()
+            writing = b"store:" in text
+            if phase == "embedding" and not writing and b"Generating embeddings" in text:
                 break
             if phase == "writing" and writing:
                 break

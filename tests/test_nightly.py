@@ -29,9 +29,9 @@ def model_calls(monkeypatch):
     calls: list[str] = []
     real = ChatLLM.generate
 
-    def counting(self, prompts):
+    def counting(self, prompts, on_result=None):
         calls.extend(prompts)
-        return real(self, prompts)
+        return real(self, prompts, on_result)
 
     monkeypatch.setattr(ChatLLM, "generate", counting)
     return calls
