@@ -26,6 +26,7 @@ from tqdm import tqdm
 from jobs import log as joblog
 from jobs.cache import GenerationCache
 from jobs.config import Profile, load_profile, overrides_from_cli
+from jobs.drift import save_corpus_files
 from jobs.embedding import load_embedder
 from jobs.errors import JobError
 from jobs.files import atomic_write
@@ -33,12 +34,13 @@ from jobs.history import Comparison, append_history, compare, find_baseline, nam
 from jobs.llm import ChatLLM, Completion, load_llm
 from jobs.prompts import PROMPT_VERSION, bare_user_message, rag_user_message
 from jobs.questions import Question, QuestionSet, load_questions
-from jobs.report import render, summary_table
+from jobs.report import summary_table, write_report
 from jobs.results import RunDir, point_latest
 from jobs.retrieval import StoreRetriever
+from jobs.scoring import attribution
 from jobs.scoring import keywords as kw
 from jobs.scoring.retrieval import file_ranking, scores
-from jobs.scoring.summary import MODES, metric, summarise
+from jobs.scoring.summary import MODES, metric, summarise_run
 from jobs.thresholds import Threshold
 
 log = logging.getLogger("jobs.eval")
@@ -81,8 +83,9 @@ def make_jobs(q: Question, modes: set[str], llm: ChatLLM, retriever: StoreRetrie
         extra = {
             **(scores(ranked, q.expected_sources) if q.expected_sources else {}),
             "retrieve_s": round(retrieve_s, 4),
+            # The very chunks given to the model, text included: failures are attributed from them later.
             "retrieved": json.dumps([{"path": h.path, "heading": h.heading, "score": round(h.score, 4),
-                                      "chunk_id": h.chunk_id} for h in context], ensure_ascii=False),
+                                      "chunk_id": h.chunk_id, "text": h.text} for h in context], ensure_ascii=False),
             "ranked_files": json.dumps(ranked[:RANKED_FILES], ensure_ascii=False),
         }
         prompt = llm.render(rag_user_message(q.question, [(h.path, h.heading, h.text) for h in context], q.language))
@@ -166,22 +169,12 @@ def headline(summary: dict) -> str:
 
 def write_outputs(run: RunDir, profile: Profile, header: dict, df: pd.DataFrame, summary: dict,
                   comparison: Comparison | None) -> None:
-    from jobs import plots
-
     reports = profile.eval.reports_dir
     atomic_write(run.path / "results.csv", df.to_csv(index=False))
     atomic_write(run.path / "results.jsonl",
                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in df.to_dict(orient="records")))
     history = append_history(reports, run, header, summary)
-    figures = {
-        "Bare vs RAG by category": plots.category_bars(summary, run.path / "categories.png").name,
-        "Headline metrics across runs": plots.trend(history, run.path / "trend.png").name,
-        "Retrieval hit@k, k = 1..10": plots.recall_curve(df, run.path / "recall.png").name,
-    }
-    atomic_write(run.path / "report.md", render(run.info(), header, summary, df, comparison, figures))
-    # summary.json last: its presence marks the run finished.
-    atomic_write(run.path / "summary.json",
-                 json.dumps({"run": header, **summary}, indent=2, ensure_ascii=False, default=str))
+    write_report(run, header, df, summary, comparison, history)  # summary.json last: it marks the run finished
     point_latest(reports, run, headline(summary))
 
 
@@ -236,8 +229,10 @@ def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = 
 
                 answer(llm, cache, [j.prompt for j in jobs], on_answer)
         wall = time.perf_counter() - started
-        df = results_frame([done[(q.id, m)] for q in selected for m in MODES], [q.id for q in selected])
-        summary = summarise(df)
+        df = attribution.annotate(results_frame([done[(q.id, m)] for q in selected for m in MODES],
+                                                [q.id for q in selected]))
+        summary = summarise_run(df)
+        save_corpus_files(run.path, retriever.build_info.get("corpus_commit", ""), retriever.file_hashes())
         header = {
             "run": run.run_id, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "profile": profile.name, **llm.identity(), "embedder": embedder.name,
@@ -258,7 +253,7 @@ def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = 
             "questions_per_s": round(len(selected) / wall, 4) if wall > 0 else None,
         }
         base = find_baseline(reports, run, baseline)
-        comparison = compare(header, df, summary, base) if base else None
+        comparison = compare(header, df, run, base) if base else None
         write_outputs(run, profile, header, df, summary, comparison)
         return run, df, summary, comparison
     finally:
@@ -309,11 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"report: {run.path / 'report.md'}")
     print(headline(summary))
     if comparison is not None:
-        print(f"since {comparison.baseline}: {len(comparison.regressions)} regression(s), "
-              f"{len(comparison.fixed)} fixed")
+        print(f"since {comparison.baseline}: {comparison.regression()[1]}")
     code = 0
     for t in thresholds:
-        failed, line = t.verdict(summary, comparison.summary if comparison else None)
+        failed, line = t.verdict(summary, comparison)
         print(line, file=sys.stderr if failed else sys.stdout)
         code = EXIT_THRESHOLD if failed else code
     return code

@@ -1,9 +1,11 @@
 """Run history: the history table, the baseline run, and what changed since it.
 
 A run compares with the newest earlier finished run over the same question file (or ``--baseline``),
-says which settings differ, gives metric deltas per category and overall, and lists each question
-that went from pass to fail (regressions) or back (fixed). Pass = all expected keywords found, or
-for a negative question, an abstention.
+says which settings differ, gives each metric's change per category and overall with its interval and a
+paired test (jobs.scoring.statistics), says whether the night is a real regression, lists each question
+that went from pass to fail (regressions) or back (fixed), and, when the corpus commit moved, what the
+docs update touched (jobs.drift). Pass = all expected keywords found, or for a negative question, an
+abstention.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from jobs.drift import DocsChange, docs_change
 from jobs.errors import JobError
 from jobs.files import atomic_write
 from jobs.results import RUN_INFO, SUMMARY, RunDir, format_sources
-from jobs.scoring.summary import MODES, OVERALL, metric
+from jobs.scoring import statistics as stats
+from jobs.scoring.summary import METRICS, OVERALL, metric
 
 HISTORY = "history.csv"
 # (column, metric key) of the headline numbers kept per run.
@@ -30,7 +34,7 @@ HEADLINE = (
     ("rag_mrr", "rag.mrr"),
     ("rag_abstention", "rag.abstention"),
 )
-DELTA_METRICS = ("keyword_hit_rate", "all_keywords_hit", "abstention", "hit_at_1", "hit_at_5", "mrr")
+DELTA_METRICS = ("keyword_hit_rate", "passed", "abstention", "hit_at_1", "hit_at_5", "mrr")
 # Settings whose change explains a change in results; named in the report when they differ.
 COMPARED = ("profile", "llm", "llm_revision", "llm_dtype", "llm_device", "embedder", "retrieval", "corpus_commit",
             "prompt_version", "max_new_tokens", "store")
@@ -89,45 +93,63 @@ def find_baseline(reports_dir: Path, current: RunDir, explicit: str | None) -> R
 
 @dataclass
 class Comparison:
+    """Tonight against the baseline run, paired question by question."""
+
     baseline: str
     differences: list[str]
-    deltas: pd.DataFrame
+    changes: list[stats.Change]  # per group, mode and metric, with interval and paired test
     regressions: pd.DataFrame
     fixed: pd.DataFrame
-    summary: dict
+    summary: dict  # the baseline's
+    now: pd.DataFrame
+    then: pd.DataFrame
+    docs: DocsChange | None
 
-    def change(self, current: dict, key: str) -> float | None:
-        """`rag.keyword_hit_rate` now minus at the baseline (overall)."""
-        a, b = metric(current, key), metric(self.summary, key)
-        return None if a is None or b is None else a - b
+    def change_of(self, mode: str, metric: str, group: str = OVERALL) -> stats.Change | None:
+        """The paired change of one metric (computed on demand for metrics outside the report's table)."""
+        found = stats.find(self.changes, metric, mode, group)
+        if found is None and metric in METRICS and not (mode != "rag" and metric in stats.RAG_ONLY):
+            now = self.now if group == OVERALL else self.now[self.now["category"] == group]
+            then = self.then if group == OVERALL else self.then[self.then["category"] == group]
+            found = stats.compare(stats.mode_values(now, mode, metric), stats.mode_values(then, mode, metric),
+                                  group=group, metric=metric, mode=mode)
+        return found
+
+    @property
+    def deltas(self) -> pd.DataFrame:
+        """Now minus then, one row per (category, mode), one column per metric."""
+        rows: dict[tuple[str, str], dict] = {}
+        for c in self.changes:
+            rows.setdefault((c.group, c.mode), {"category": c.group, "mode": c.mode})[c.metric] = c.delta
+        return pd.DataFrame(list(rows.values()))
+
+    def regression(self) -> tuple[bool, str]:
+        """Whether the night is a real regression: a headline number dropped significantly."""
+        drops = [c for mode, metric in VERDICT_METRICS
+                 if (c := stats.find(self.changes, metric, mode)) is not None and c.delta < 0 and c.significant]
+        if drops:
+            return True, "real regression: " + "; ".join(f"{c.mode} {c.metric} {c.describe()}" for c in drops)
+        n = int(self.now[self.now["mode"] == "rag"]["id"].nunique())
+        detectable = stats.smallest_detectable(n)
+        floor = (f"; on {n} questions a pass rate must move by at least {detectable:.2f} "
+                 f"({stats.min_same_way()} questions the same way) to be significant") if detectable else \
+            f"; {n} questions are too few for any change to be significant"
+        return False, (f"no significant regression: {len(self.regressions)} question(s) regressed and "
+                       f"{len(self.fixed)} fixed, within noise{floor}")
 
 
-def passed(row: pd.Series) -> bool:
-    if row["category"] == "negative":
-        return bool(row["abstained"])
-    return bool(row["all_keywords_hit"]) and not pd.isna(row["all_keywords_hit"])
+# Headline numbers whose significant drop makes a night a real regression.
+VERDICT_METRICS = (("rag", "keyword_hit_rate"), ("rag", "passed"), ("gain", "keyword_hit_rate"),
+                   ("rag", "abstention"), ("rag", "hit_at_5"), ("rag", "mrr"))
 
 
-def compare(header: dict, df: pd.DataFrame, summary: dict, baseline: RunDir) -> Comparison:
+def compare(header: dict, df: pd.DataFrame, current: RunDir, baseline: RunDir) -> Comparison:
     base_summary = json.loads((baseline.path / SUMMARY).read_text(encoding="utf-8"))
     base_header = base_summary.get("run", {})
     base_df = pd.read_json(baseline.path / "results.jsonl", lines=True, dtype=False)
     differences = [f"{k}: {base_header.get(k)!s} → {header.get(k)!s}" for k in COMPARED
                    if str(base_header.get(k)) != str(header.get(k))]
-
-    rows = []
-    groups = sorted(set(summary["by_category"]) | set(base_summary["by_category"]))
-    for name in [*groups, OVERALL]:
-        now = summary[OVERALL] if name == OVERALL else summary["by_category"].get(name, {})
-        then = base_summary[OVERALL] if name == OVERALL else base_summary["by_category"].get(name, {})
-        for mode in MODES:
-            row = {"category": name, "mode": mode}
-            for m in DELTA_METRICS:
-                a, b = now.get(mode, {}).get(m), then.get(mode, {}).get(m)
-                row[m] = None if a is None or b is None else a - b
-            if any(row[m] is not None for m in DELTA_METRICS):
-                rows.append(row)
-    deltas = pd.DataFrame(rows)
+    changes = stats.between_runs(df, base_df, DELTA_METRICS)
 
     before = base_df.set_index(["id", "mode"])
     flips = []
@@ -136,7 +158,7 @@ def compare(header: dict, df: pd.DataFrame, summary: dict, baseline: RunDir) -> 
         if key not in before.index:
             continue
         b = before.loc[key]
-        was, now = passed(b), passed(r)
+        was, now = stats.passed(b), stats.passed(r)
         if was != now:
             flips.append({"kind": "fixed" if now else "regression", "id": r["id"], "mode": r["mode"],
                           "category": r["category"], "question": r["question"],
@@ -147,4 +169,5 @@ def compare(header: dict, df: pd.DataFrame, summary: dict, baseline: RunDir) -> 
                                             "answer now", "sources before", "sources now"])
     regressions = flips_df[flips_df["kind"] == "regression"].drop(columns="kind")
     fixed = flips_df[flips_df["kind"] == "fixed"].drop(columns="kind")
-    return Comparison(baseline.run_id, differences, deltas, regressions, fixed, base_summary)
+    docs = docs_change(current.path, baseline.path, df, base_df)
+    return Comparison(baseline.run_id, differences, changes, regressions, fixed, base_summary, df, base_df, docs)

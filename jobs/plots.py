@@ -26,27 +26,39 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+def _errors(values: list[float], intervals: list[list[float] | None]) -> list[list[float]]:
+    """matplotlib's yerr (distances below and above) from intervals; 0 where there is none."""
+    below = [v - ci[0] if ci else 0.0 for v, ci in zip(values, intervals)]
+    above = [ci[1] - v if ci else 0.0 for v, ci in zip(values, intervals)]
+    return [below, above]
+
+
 def category_bars(summary: dict, path: Path) -> Path:
-    """Bare vs RAG keyword hit rate per category (negatives: abstention rate)."""
+    """Bare vs RAG keyword hit rate per category (negatives: abstention rate), with 95% intervals."""
     names = sorted(summary["by_category"]) + [OVERALL]
-    bare, rag, labels = [], [], []
+    intervals = summary.get("intervals", {})
+    bare, rag, labels, bare_ci, rag_ci = [], [], [], [], []
     for name in names:
         group = summary[OVERALL] if name == OVERALL else summary["by_category"][name]
         key = "abstention" if name == "negative" else "keyword_hit_rate"
         bare.append(group.get("bare", {}).get(key) or 0.0)
         rag.append(group.get("rag", {}).get(key) or 0.0)
+        bare_ci.append(intervals.get(name, {}).get("bare", {}).get(key))
+        rag_ci.append(intervals.get(name, {}).get("rag", {}).get(key))
         labels.append(f"{name}\n(abstention)" if name == "negative" else name)
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names)), 3.6))
     x = range(len(names))
-    ax.bar([i - 0.2 for i in x], bare, width=0.4, label="bare", color=BARE)
-    ax.bar([i + 0.2 for i in x], rag, width=0.4, label="RAG", color=RAG)
+    ax.bar([i - 0.2 for i in x], bare, width=0.4, label="bare", color=BARE,
+           yerr=_errors(bare, bare_ci), capsize=3, error_kw={"elinewidth": 0.8})
+    ax.bar([i + 0.2 for i in x], rag, width=0.4, label="RAG", color=RAG,
+           yerr=_errors(rag, rag_ci), capsize=3, error_kw={"elinewidth": 0.8})
     for i, (b, r) in enumerate(zip(bare, rag)):
         ax.text(i - 0.2, b + 0.02, f"{b:.2f}", ha="center", fontsize=8)
         ax.text(i + 0.2, r + 0.02, f"{r:.2f}", ha="center", fontsize=8)
     ax.set_xticks(list(x), labels, fontsize=8)
     ax.set_ylim(0, 1.15)
     ax.set_ylabel("keyword hit rate")
-    ax.set_title("Bare vs RAG by category")
+    ax.set_title("Bare vs RAG by category (bars: 95% interval over questions)")
     ax.legend(loc="upper left", fontsize=8)
     return _save(fig, path)
 

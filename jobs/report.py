@@ -1,4 +1,5 @@
-"""The markdown report, built from pandas DataFrames: header, summary, latency, then every question.
+"""The markdown report, built from pandas DataFrames: header, summary with intervals, why RAG answers
+failed, what changed since the last run (and what a docs update did), latency, then every question.
 
 Every cell goes through ``escape_cell`` so that pipes, newlines, HTML and code fences in model
 answers cannot break a table.
@@ -6,10 +7,18 @@ answers cannot break a table.
 
 from __future__ import annotations
 
+import argparse
+import json
+from pathlib import Path
+
 import pandas as pd
 
-from jobs.history import Comparison
-from jobs.results import format_sources
+from jobs.drift import DocsChange
+from jobs.files import atomic_write
+from jobs.history import HISTORY, Comparison, compare, find_baseline
+from jobs.results import SUMMARY, RunDir, format_sources
+from jobs.scoring import attribution
+from jobs.scoring import statistics as stats
 from jobs.scoring.summary import MODES, OVERALL
 
 
@@ -35,33 +44,95 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None or pd.isna(value) else f"{value:.{digits}f}"
 
 
-def _delta(a: float | None, b: float | None) -> str:
-    if a is None or b is None:
+def _with_ci(value: float | None, ci: list[float] | None, signed: bool = False) -> str:
+    if value is None or pd.isna(value):
         return "–"
-    return f"{a - b:+.2f}"
+    number = f"{value:+.2f}" if signed else f"{value:.2f}"
+    if not ci:
+        return number
+    low, high = (f"{v:+.2f}" if signed else f"{v:.2f}" for v in ci)
+    return f"{number} ({low}–{high})"
 
 
 def summary_table(summary: dict) -> pd.DataFrame:
+    """Per category and overall; each number with its 95% interval over questions, where there are 2 or more."""
     rows = []
+    intervals = summary.get("intervals", {})
     groups = [(cat, v) for cat, v in sorted(summary["by_category"].items())] + [(OVERALL, summary[OVERALL])]
     for name, by_mode in groups:
         bare, rag = by_mode.get("bare", {}), by_mode.get("rag", {})
+        ci = intervals.get(name, {})
+
+        def cell(mode: str, metric: str, values: dict, ci: dict = ci) -> str:
+            return _with_ci(values.get(metric), ci.get(mode, {}).get(metric))
+
+        gain = None if rag.get("keyword_hit_rate") is None or bare.get("keyword_hit_rate") is None else \
+            rag["keyword_hit_rate"] - bare["keyword_hit_rate"]
         rows.append({
             "category": f"**{name}**" if name == OVERALL else name,
             "n": rag.get("n", bare.get("n")),
-            "keyword hit (bare)": _fmt(bare.get("keyword_hit_rate")),
-            "keyword hit (RAG)": _fmt(rag.get("keyword_hit_rate")),
-            "Δ": _delta(rag.get("keyword_hit_rate"), bare.get("keyword_hit_rate")),
-            "all keywords (bare)": _fmt(bare.get("all_keywords_hit")),
-            "all keywords (RAG)": _fmt(rag.get("all_keywords_hit")),
-            "abstained (bare)": _fmt(bare.get("abstention")),
-            "abstained (RAG)": _fmt(rag.get("abstention")),
-            "hit@1": _fmt(rag.get("hit_at_1")),
-            "hit@3": _fmt(rag.get("hit_at_3")),
-            "hit@5": _fmt(rag.get("hit_at_5")),
-            "MRR": _fmt(rag.get("mrr")),
+            "keyword hit (bare)": cell("bare", "keyword_hit_rate", bare),
+            "keyword hit (RAG)": cell("rag", "keyword_hit_rate", rag),
+            "gain": _with_ci(gain, ci.get("gain", {}).get("keyword_hit_rate"), signed=True),
+            "all keywords (bare)": cell("bare", "all_keywords_hit", bare),
+            "all keywords (RAG)": cell("rag", "all_keywords_hit", rag),
+            "abstained (bare)": cell("bare", "abstention", bare),
+            "abstained (RAG)": cell("rag", "abstention", rag),
+            "hit@1": cell("rag", "hit_at_1", rag),
+            "hit@3": cell("rag", "hit_at_3", rag),
+            "hit@5": cell("rag", "hit_at_5", rag),
+            "MRR": cell("rag", "mrr", rag),
         })
     return pd.DataFrame(rows)
+
+
+_METRIC_NAMES = {"keyword_hit_rate": "keyword hit rate", "passed": "pass rate", "abstention": "abstention",
+                 "hit_at_1": "hit@1", "hit_at_3": "hit@3", "hit_at_5": "hit@5", "mrr": "MRR",
+                 "all_keywords_hit": "all keywords"}
+
+
+def changes_table(changes: list[dict] | list[stats.Change], *, then: str = "then", now: str = "now") -> pd.DataFrame:
+    rows = []
+    for c in changes:
+        c = c if isinstance(c, dict) else c.as_dict()
+        ci = "–" if c["low"] is None else f"{c['low']:+.2f}…{c['high']:+.2f}"
+        rows.append({"category": c["group"], "mode": c["mode"], "metric": _METRIC_NAMES.get(c["metric"], c["metric"]),
+                     "n": c["n"], then: f"{c['then']:.2f}", now: f"{c['now']:.2f}", "change": f"{c['delta']:+.2f}",
+                     "95% CI": ci, "p": f"{c['p']:.3g}", "test": c["test"],
+                     "": "**significant**" if c["significant"] else "within noise"})
+    return pd.DataFrame(rows)
+
+
+def rag_vs_bare_section(summary: dict, n: int) -> list[str]:
+    changes = summary.get("rag_vs_bare") or []
+    if not changes:
+        return []
+    table = changes_table(changes, then="bare", now="RAG").drop(columns="mode")
+    detectable = stats.smallest_detectable(n)
+    floor = (f"On these {n} questions a pass rate must move by at least {detectable:.2f} "
+             f"({stats.min_same_way()} questions the same way, none back) to be significant."
+             if detectable else f"{n} questions are too few for any difference to be significant.")
+    return ["### Is RAG better than bare? (paired, same questions)", "", _table(table), "",
+            "Intervals: 95% paired bootstrap over questions. Tests: exact McNemar on pass/fail, Wilcoxon "
+            f"signed-rank on per-question rates; significant = p < {stats.ALPHA}. " + floor, ""]
+
+
+def stages_section(df: pd.DataFrame) -> list[str]:
+    if "stage" not in df or not df["stage"].notna().any():
+        return []
+    counts = attribution.stage_counts(df)
+    lines = ["## Why RAG answers failed", "", attribution.fix_first(counts), "", _table(counts), "",
+             "Stages: *retrieval miss* = no expected source among the chunks given to the model; *context lacked "
+             "the answer* = an expected source was given but none of the missed keywords is in the context; *model "
+             "missed it* = a missed keyword was in the context; *answer failed* = no answer came back.", ""]
+    low = attribution.low_support(df)
+    if len(low):
+        shown = low.assign(support=low["support"].map(lambda v: f"{v:.2f}"))
+        lines += [f"### Answers mostly not supported by their context ({len(low)}, support < "
+                  f"{attribution.LOW_SUPPORT})", "",
+                  "Support = share of the answer's content tokens found in the chunks it was given: a low "
+                  "share flags answers that say what their context does not.", "", _table(shown), ""]
+    return lines
 
 
 def latency_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -103,9 +174,7 @@ def _outcome(row: pd.Series) -> str:
 
 
 def _failed(row: pd.Series) -> bool:
-    if row["category"] == "negative":
-        return not bool(row["abstained"])
-    return not bool(row["all_keywords_hit"])
+    return not stats.passed(row)
 
 
 def questions_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -127,6 +196,8 @@ def questions_table(df: pd.DataFrame) -> pd.DataFrame:
             "bare": _outcome(b) if b is not None else "",
             "RAG answer": r["answer"] if r is not None else "",
             "RAG": _outcome(r) if r is not None else "",
+            "stage": (r.get("stage") or "") if r is not None else "",
+            "support": _fmt(r.get("support")) if r is not None and r.get("support") is not None else "",
             "top sources (score)": format_sources(r["retrieved"]) if r is not None else "",
         })
     table = pd.DataFrame(rows)
@@ -155,21 +226,47 @@ def header_table(info: dict) -> pd.DataFrame:
 
 
 def comparison_section(comp: Comparison) -> list[str]:
-    lines = [f"## Since the last run ({comp.baseline})", ""]
+    regression, verdict = comp.regression()
+    lines = [f"## Since the last run ({comp.baseline})", "",
+             f"**Verdict: {verdict}.**" if regression else f"Verdict: {verdict}.", ""]
     if comp.differences:
         lines += ["Settings that differ (results may move for these reasons):", ""]
         lines += [f"- {escape_cell(d)}" for d in comp.differences] + [""]
     else:
         lines += ["Same profile, models, corpus and prompts as the baseline.", ""]
-    if not comp.deltas.empty:
-        deltas = comp.deltas.copy()
-        for col in deltas.columns[2:]:
-            deltas[col] = deltas[col].map(lambda v: "–" if v is None or pd.isna(v) else f"{v:+.2f}")
-        lines += ["Change in each metric (now minus then):", "", _table(deltas), ""]
+    overall = [c for c in comp.changes if c.group == OVERALL]
+    if overall:
+        lines += ["Change in each metric (now minus then, paired on the questions both runs answered):", "",
+                  _table(changes_table(overall)), ""]
+    per_category = [c for c in comp.changes if c.group != OVERALL]
+    if per_category:
+        lines += ["<details><summary>Per category</summary>", "", _table(changes_table(per_category)), "",
+                  "</details>", ""]
     lines += [f"### Regressions ({len(comp.regressions)}): passed then, fail now", ""]
     lines += [_table(comp.regressions) if len(comp.regressions) else "None.", ""]
     lines += [f"### Fixed ({len(comp.fixed)}): failed then, pass now", ""]
     lines += [_table(comp.fixed) if len(comp.fixed) else "None.", ""]
+    if comp.docs is not None:
+        lines += docs_section(comp.docs)
+    return lines
+
+
+def docs_section(docs: DocsChange) -> list[str]:
+    counts = docs.counts()
+    lines = [f"## Docs changed: {docs.commit_before[:12]} → {docs.commit_now[:12]}", "",
+             f"{counts['added']} file(s) added, {counts['changed']} changed, {counts['removed']} removed. "
+             f"{counts['questions touched']} question(s) retrieved a changed file in either run, and "
+             f"{counts['touched answers changed']} of those answers changed; {counts['answers changed otherwise']} "
+             "answer(s) changed although no file they retrieved did (the model or settings moved, not the docs).", ""]
+    files = pd.DataFrame([{"file": f, "change": kind} for kind, names in
+                          (("added", docs.added), ("changed", docs.changed), ("removed", docs.removed))
+                          for f in names])
+    if len(files):
+        lines += ["<details><summary>Files</summary>", "", _table(files), "", "</details>", ""]
+    lines += ["### Questions that retrieved a changed file", ""]
+    lines += [_table(docs.touched.drop(columns="answer changed")) if len(docs.touched) else "None.", ""]
+    lines += ["### Answers that changed although no retrieved file did", ""]
+    lines += [_table(docs.moved_otherwise) if len(docs.moved_otherwise) else "None.", ""]
     return lines
 
 
@@ -193,8 +290,13 @@ def render(run_info: dict, header: dict, summary: dict, df: pd.DataFrame, compar
         "## Summary: bare vs RAG",
         _table(summary_table(summary)),
         "",
+        "Each number: the mean over questions (95% bootstrap interval over questions, where a category has 2 or "
+        "more). Gain = RAG minus bare, paired.",
+        "",
         *plots[:1],
         "",
+        *rag_vs_bare_section(summary, len(stats.per_question(df, "rag", "passed"))),
+        *stages_section(df),
         *since,
         *plots[1:],
         "",
@@ -207,3 +309,54 @@ def render(run_info: dict, header: dict, summary: dict, df: pd.DataFrame, compar
         "",
     ]
     return "\n".join(parts)
+
+
+def write_report(run: RunDir, header: dict, df: pd.DataFrame, summary: dict, comparison: Comparison | None,
+                 history: pd.DataFrame) -> None:
+    """Plots, report.md, then summary.json (last: its presence marks a run finished)."""
+    from jobs import plots
+
+    figures = {
+        "Bare vs RAG by category": plots.category_bars(summary, run.path / "categories.png").name,
+        "Headline metrics across runs": plots.trend(history, run.path / "trend.png").name,
+        "Retrieval hit@k, k = 1..10": plots.recall_curve(df, run.path / "recall.png").name,
+    }
+    atomic_write(run.path / "report.md", render(run.info(), header, summary, df, comparison, figures))
+    atomic_write(run.path / SUMMARY, json.dumps({"run": header, **summary}, indent=2, ensure_ascii=False, default=str))
+
+
+def rereport(run_path: Path, baseline: str | None = None) -> Path:
+    """Rebuild a finished run's report from its own results.jsonl (and its baseline's): new statistics,
+    failure stages and docs-change sections apply to old runs too. Answers are not touched."""
+    from jobs.errors import JobError
+    from jobs.scoring.attribution import annotate
+    from jobs.scoring.summary import summarise_run
+
+    run = RunDir(run_path)
+    if not (run.path / SUMMARY).is_file():
+        raise JobError(f"{run.path}: not a finished run (no {SUMMARY})")
+    header = json.loads((run.path / SUMMARY).read_text(encoding="utf-8"))["run"]
+    df = annotate(pd.read_json(run.path / "results.jsonl", lines=True, dtype=False))
+    summary = summarise_run(df)
+    base = find_baseline(run.path.parent, run, baseline)
+    comparison = compare(header, df, run, base) if base else None
+    history_path = run.path.parent / HISTORY
+    history = pd.read_csv(history_path) if history_path.is_file() else pd.DataFrame({"run": [run.run_id]})
+    write_report(run, header, df, summary, comparison, history)
+    return run.path / "report.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.report",
+                                description="Rebuild a finished run's report from its results (no model runs).")
+    p.add_argument("run", type=Path, help="the run folder, e.g. eval/reports/20261201-020000-offline")
+    p.add_argument("--baseline", metavar="RUN", help="compare with this run (default: the one before it)")
+    args = p.parse_args(argv)
+    print(f"report: {rereport(args.run, args.baseline)}")
+    return 0
+
+
+if __name__ == "__main__":
+    from jobs import log as joblog
+
+    joblog.run_cli(main)

@@ -99,9 +99,13 @@ class StoreRetriever:
             raise JobError(f"store {profile.store.path} was built with another embedder ({what}); "
                            "re-run `make ingest`")
 
+    def file_hashes(self) -> dict[str, str]:
+        """Every source file the store holds, with the sha1 of the bytes it was chunked from."""
+        got = self.collection.get(include=["metadatas"])
+        return {str(m.get("path")): str(m.get("file_sha", "")) for m in got["metadatas"]}
+
     def paths(self) -> set[str]:
-        """Every source file the store holds (chunk ids are ``path#ordinal``)."""
-        return {cid.rsplit("#", 1)[0] for cid in self.collection.get(include=[])["ids"]}
+        return set(self.file_hashes())
 
     def dense(self, question: str, k: int) -> list[Hit]:
         nodes = self.index.as_retriever(similarity_top_k=k).retrieve(question)

@@ -1,48 +1,65 @@
 """``--fail-under``: alert thresholds on the overall numbers of a run, checked before any model loads.
 
-    MODE.METRIC=MIN          rag.keyword_hit_rate=0.3, rag.hit_at_5=0.8, gain.keyword_hit_rate=0.2
-    change.MODE.METRIC=MIN   change.rag.keyword_hit_rate=-0.05: the change since the baseline run
+    MODE.METRIC=MIN            rag.keyword_hit_rate=0.3, rag.hit_at_5=0.8, gain.keyword_hit_rate=0.2
+    change.MODE.METRIC=MIN     change.rag.keyword_hit_rate=-0.05: a significant drop since the baseline run
+    rawchange.MODE.METRIC=MIN  rawchange.rag.keyword_hit_rate=-0.05: any drop since the baseline run
 
-MODE is ``bare``, ``rag`` or ``gain`` (RAG minus bare). A threshold on a number the question set cannot
-produce (abstention without negative questions, hit@k without expected sources, retrieval for bare) is
-refused up front rather than failing every night for the wrong reason.
+MODE is ``bare``, ``rag`` or ``gain`` (RAG minus bare). The exact rule of ``change.``: it fails when the
+change (tonight minus the baseline run, overall, on the questions both runs answered) is below MIN *and*
+the paired test on those questions says it is significant (p < 0.05: exact McNemar for pass/fail
+metrics, Wilcoxon signed-rank for rates; see jobs.scoring.statistics). A drop below MIN that is within
+noise is reported, not failed. ``rawchange.`` fails on the number alone. Without a baseline run both are
+skipped. A threshold on a number the question set cannot produce (abstention without negative
+questions, hit@k without expected sources, retrieval for bare) is refused up front rather than failing
+every night for the wrong reason.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from jobs.errors import JobError
 from jobs.questions import NEGATIVE, QuestionSet
 from jobs.scoring.summary import METRICS, metric
 
+if TYPE_CHECKING:
+    from jobs.history import Comparison
+    from jobs.scoring.statistics import Change
+
 MODES = ("bare", "rag", "gain")
+CHANGE_FORMS = ("change.", "rawchange.")
 RETRIEVAL_METRICS = ("hit_at_1", "hit_at_3", "hit_at_5", "mrr", "retrieve_s")
 KEYWORD_METRICS = ("keyword_hit_rate", "all_keywords_hit")
 
 
 @dataclass(frozen=True)
 class Threshold:
-    key: str  # [change.]MODE.METRIC
+    key: str  # [change.|rawchange.]MODE.METRIC
     minimum: float
 
     @property
+    def form(self) -> str:
+        return next((f for f in CHANGE_FORMS if self.key.startswith(f)), "")
+
+    @property
     def change(self) -> bool:
-        return self.key.startswith("change.")
+        return bool(self.form)
 
     @property
     def mode_metric(self) -> tuple[str, str]:
-        mode, _, name = self.key.removeprefix("change.").partition(".")
+        mode, _, name = self.key.removeprefix(self.form).partition(".")
         return mode, name
 
     @classmethod
     def parse(cls, text: str) -> Threshold:
         key, sep, value = text.partition("=")
         key = key.strip()
-        parts = key.removeprefix("change.").split(".")
-        usage = (f"--fail-under {text!r}: expected [change.]MODE.METRIC=NUMBER with MODE bare, rag or gain and "
-                 f"METRIC one of {', '.join(METRICS)}; e.g. rag.keyword_hit_rate=0.3")
+        form = next((f for f in CHANGE_FORMS if key.startswith(f)), "")
+        parts = key.removeprefix(form).split(".")
+        usage = (f"--fail-under {text!r}: expected [change.|rawchange.]MODE.METRIC=NUMBER with MODE bare, rag or "
+                 f"gain and METRIC one of {', '.join(METRICS)}; e.g. rag.keyword_hit_rate=0.3")
         if not sep or len(parts) != 2 or parts[0] not in MODES or parts[1] not in METRICS:
             raise JobError(usage)
         try:
@@ -74,22 +91,30 @@ class Threshold:
         if why:
             raise JobError(f"--fail-under {self.key}: {why}")
 
-    def value(self, summary: dict, baseline_summary: dict | None) -> float | None:
-        """The number compared with the minimum; None for a change when there is no baseline run."""
-        key = self.key.removeprefix("change.")
-        now = metric(summary, key)
-        if not self.change:
-            return now
-        then = metric(baseline_summary, key) if baseline_summary is not None else None
-        return None if now is None or then is None else now - then
-
-    def verdict(self, summary: dict, baseline_summary: dict | None) -> tuple[bool, str]:
+    def verdict(self, summary: dict, comparison: Comparison | None) -> tuple[bool, str]:
         """(failed, one line for the log)."""
-        value = self.value(summary, baseline_summary)
-        if value is None:
-            if self.change and baseline_summary is None:
-                return False, f"SKIP: {self.key}: no baseline run to compare with"
-            return True, f"FAIL: {self.key}: not measured in this run"
-        if value < self.minimum:
-            return True, f"FAIL: {self.key} = {value:.3f} < {self.minimum}"
-        return False, f"ok: {self.key} = {value:.3f} >= {self.minimum}"
+        mode, name = self.mode_metric
+        if not self.change:
+            value = metric(summary, self.key)
+            if value is None:
+                return True, f"FAIL: {self.key}: not measured in this run"
+            if value < self.minimum:
+                return True, f"FAIL: {self.key} = {value:.3f} < {self.minimum}"
+            return False, f"ok: {self.key} = {value:.3f} >= {self.minimum}"
+        if comparison is None:
+            return False, f"SKIP: {self.key}: no baseline run to compare with"
+        c = comparison.change_of(mode, name)
+        if c is None:
+            return True, f"FAIL: {self.key}: not measured in both runs"
+        shown = f"{self.key} = {c.delta:+.3f} (95% CI {_ci(c)}, p={c.p:.3g}, {c.test}, n={c.n})"
+        if c.delta >= self.minimum:
+            return False, f"ok: {shown} >= {self.minimum}"
+        if self.form == "rawchange.":
+            return True, f"FAIL: {shown} < {self.minimum}"
+        if c.significant:
+            return True, f"FAIL: {shown} < {self.minimum}, and significant"
+        return False, f"ok (within noise): {shown} < {self.minimum}, but not significant"
+
+
+def _ci(c: Change) -> str:
+    return "–" if c.low is None or c.high is None else f"{c.low:+.2f}…{c.high:+.2f}"

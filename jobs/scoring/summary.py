@@ -50,3 +50,17 @@ def metric(summary: dict, key: str) -> float | None:
         return None if a is None or b is None else a - b
     value = summary[OVERALL].get(mode, {}).get(name)
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def summarise_run(df: pd.DataFrame) -> dict:
+    """``summarise`` plus how sure each number is (intervals), the paired RAG-vs-bare tests, and the stage
+    that failed for each RAG answer, counted (``df`` annotated by jobs.scoring.attribution)."""
+    from jobs.scoring import attribution
+    from jobs.scoring import statistics as stats
+
+    summary = summarise(df)
+    summary["intervals"] = stats.intervals(df)
+    summary["rag_vs_bare"] = [c.as_dict() for c in stats.rag_vs_bare(df)]
+    if "stage" in df:
+        summary["stages"] = attribution.stage_counts(df).to_dict(orient="records")
+    return summary
