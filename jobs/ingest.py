@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from jobs import log as joblog
-from jobs import store as st
+from jobs import stores
 from jobs.chunking import Chunk, Chunker
 from jobs.config import Profile, load_profile, overrides_from_cli
 from jobs.documents import Document, read_document
@@ -28,6 +27,8 @@ from jobs.embedding import Embedder, load_embedder
 from jobs.errors import JobError
 from jobs.lexical import TOKENIZER_VERSION, BM25Index
 from jobs.source import Checkout, fetch, load_manifest, source_from_override
+from jobs.stores import chroma
+from jobs.stores.chroma import StoredChunk, pages, read_chunks
 
 log = logging.getLogger("jobs.ingest")
 
@@ -107,12 +108,12 @@ class Plan:
         return not (self.write or self.relabel or self.remove)
 
 
-def plan_changes(docs: list[Document], old: dict[str, st.StoredChunk], commit: str,
+def plan_changes(docs: list[Document], old: dict[str, StoredChunk], commit: str,
                  chunk: Callable[[Document], list[Chunk]]) -> Plan:
     """Diff the corpus against the store. Files whose bytes are unchanged are not even re-chunked:
     with the same chunker settings (checked by the caller) they give the same chunks."""
     plan = Plan()
-    by_path: dict[str, dict[str, st.StoredChunk]] = {}
+    by_path: dict[str, dict[str, StoredChunk]] = {}
     for s in old.values():
         by_path.setdefault(str(s.metadata.get("path")), {})[s.id] = s
     for doc in tqdm(docs, desc="chunk", unit="file", leave=False):
@@ -159,7 +160,7 @@ def build_info(profile: Profile, embedder: Embedder, checkout: Checkout, manifes
         "code_max_lines": profile.chunking.code_max_lines,
         "min_doc_chars": profile.chunking.min_doc_chars,
         "chunker_version": CHUNKER_VERSION,
-        "index": st.INDEX_SPEC,
+        "index": chroma.INDEX_SPEC,
         "lexical": LEXICAL_VERSION,
         "files": summary.files,
         "skipped": summary.skipped,
@@ -170,11 +171,8 @@ def build_info(profile: Profile, embedder: Embedder, checkout: Checkout, manifes
 
 def ingest(profile: Profile, source: str | None = None, embedder: Embedder | None = None) -> IngestSummary:
     started = time.perf_counter()
-    store_path = profile.store.path
     manifest = load_manifest(profile.corpus)
-    name = profile.store.collection
-    with st.ingest_lock(store_path):
-        st.collect_garbage(store_path)
+    with stores.open_writer(profile) as writer:
         override = source_from_override(source) if source else None
         checkout = fetch(manifest, profile.paths.cache, override)
         docs, skipped = read_documents(checkout, profile.chunking.min_doc_chars)
@@ -188,82 +186,26 @@ def ingest(profile: Profile, source: str | None = None, embedder: Embedder | Non
         embedder = embedder or load_embedder(profile)
         summary = IngestSummary(files=len(checkout.files), skipped=len(skipped), commit=checkout.commit,
                                 source=checkout.source.describe())
-        work = _working_copy(store_path, name)
-        try:
-            _update(profile, work, checkout, docs, manifest.url, embedder, summary)
-        finally:
-            work.discard()
+        _update(profile, writer, checkout, docs, manifest.url, embedder, summary)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-@dataclass
-class WorkingCopy:
-    """A private copy of the newest sound generation (or an empty folder), open for writing."""
-
-    folder: Path
-    base: Path | None  # the generation it copies
-    base_is_live: bool
-    opened: st.OpenCopy | None = None
-    rebuilt: bool = False  # there was a store, but nothing usable to build on
-    published: bool = False
-
-    def reset(self) -> None:
-        """Start from an empty folder (a rebuild): nothing of the old collection is carried over."""
-        self.discard()
-        self.folder.mkdir()
-        self.base, self.base_is_live, self.rebuilt = None, False, True
-
-    def discard(self) -> None:
-        if self.opened is not None:
-            self.opened.close()
-            self.opened = None
-        if not self.published:
-            shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _working_copy(store_path: Path, name: str) -> WorkingCopy:
-    """Copy the live generation; if it is damaged, the newest sound earlier one; else start empty."""
-    live = st.live_generation(store_path)
-    candidates = ([live] if live else []) + [g for g in st.finished_generations(store_path) if g != live]
-    for base in candidates:
-        folder = None
-        try:
-            folder = st.new_generation(store_path, base)
-            opened = st.open_copy(folder, base, name)
-        except st.DamagedStore as exc:
-            if folder is not None:
-                shutil.rmtree(folder, ignore_errors=True)
-            log.warning("%s%s; trying the previous generation", "live " if base == live else "", exc)
-            continue
-        except JobError as exc:  # no such collection: nothing to build on
-            shutil.rmtree(folder, ignore_errors=True)
-            log.warning("store settings changed (%s): rebuilding from scratch", exc)
-            break
-        if base != live:
-            log.warning("recovering from generation %s (the live one is damaged)", base.name)
-        return WorkingCopy(folder, base, base == live, opened)
-    else:
-        if candidates:
-            log.warning("no sound generation left in %s: rebuilding from scratch", store_path)
-    return WorkingCopy(st.new_generation(store_path, None), None, False, rebuilt=bool(candidates))
-
-
-def _update(profile: Profile, work: WorkingCopy, checkout: Checkout, docs: list[Document], manifest_url: str,
+def _update(profile: Profile, writer: stores.Writer, checkout: Checkout, docs: list[Document], manifest_url: str,
             embedder: Embedder, summary: IngestSummary) -> None:
-    """Plan against the working copy, embed what is new, apply, and publish (or discard if nothing changed)."""
-    old: dict[str, st.StoredChunk] = {}
-    old_info = work.opened.info if work.opened else {}
-    if work.opened is not None:
+    """Plan against the newest sound generation, embed what is new, write the next generation, publish it
+    (or nothing, when nothing changed)."""
+    base = writer.base()
+    old: dict[str, StoredChunk] = {}
+    if base.collection is not None:
         probe = build_info(profile, embedder, checkout, manifest_url, summary)
-        changed = [k for k in st.REBUILD_KEYS if k in probe and old_info.get(k) != probe[k]]
+        changed = [k for k in chroma.REBUILD_KEYS if k in probe and base.info.get(k) != probe[k]]
         if changed:
             log.warning("store settings changed (%s): rebuilding from scratch", ", ".join(changed))
-            work.reset()
-            old_info = {}
+            base = writer.empty()
         else:
-            old = st.read_chunks(work.opened.collection)
-    summary.rebuilt = work.rebuilt
+            old = read_chunks(base.collection)
+    summary.rebuilt = base.rebuilt
 
     chunker: list[Chunker] = []
 
@@ -279,27 +221,21 @@ def _update(profile: Profile, work: WorkingCopy, checkout: Checkout, docs: list[
     if not plan.total:
         raise JobError(f"corpus at {checkout.commit[:12]} gave no chunks")
     info = build_info(profile, embedder, checkout, manifest_url, summary)
-    if work.base_is_live and work.opened is not None and plan.empty \
-            and all(old_info.get(k) == v for k, v in info.items()) and (work.folder / st.LEXICAL).is_dir():
-        log.info("store %s is up to date at %s: nothing to write", profile.store.path, checkout.commit[:12])
+    if base.is_live and base.collection is not None and plan.empty and base.has_lexical \
+            and all(base.info.get(k) == v for k, v in info.items()):
+        log.info("store %s is up to date at %s: nothing to write", stores.describe(profile), checkout.commit[:12])
         return
     info.update({"embedder_dim": embedder.dim, "embedder_window": embedder.window,
                  "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    _write(profile.store.path, profile.store.collection, work, plan, checkout.commit, embedder, info, summary)
 
-
-def _write(store_path: Path, name: str, work: WorkingCopy, plan: Plan, commit: str, embedder: Embedder,
-           info: dict, summary: IngestSummary) -> None:
-    """Embed what is new, apply the plan to the working copy, then publish it."""
-    if work.opened is None:
-        work.opened = st.create_collection(work.folder, name)
-    coll = work.opened.collection
     reusable: dict[str, list[float]] = {}  # text_sha -> a vector already in the store
-    if plan.write and coll.count():
+    if plan.write and base.collection is not None:
         need = sorted({ch.text_sha for ch in plan.write})
-        found = coll.get(where={"text_sha": {"$in": need}}, include=["metadatas", "embeddings"])
-        for meta, emb in zip(found["metadatas"], found["embeddings"]):
-            reusable[str(meta["text_sha"])] = [float(x) for x in emb]
+        for i in range(0, len(need), 1000):
+            found = base.collection.get(where={"text_sha": {"$in": need[i:i + 1000]}},
+                                        include=["metadatas", "embeddings"])
+            for meta, emb in zip(found["metadatas"], found["embeddings"]):
+                reusable[str(meta["text_sha"])] = [float(x) for x in emb]
     new = {ch.text_sha: ch for ch in plan.write if ch.text_sha not in reusable}
     texts = sorted((sha, ch.text) for sha, ch in new.items())
     started = time.perf_counter()
@@ -309,6 +245,8 @@ def _write(store_path: Path, name: str, work: WorkingCopy, plan: Plan, commit: s
     summary.embedded = len(texts)
     vectors.update(reusable)
 
+    gen = writer.create(base, exclude=set(plan.remove) | {ch.id for ch in plan.write})
+    coll = gen.collection
     if plan.remove:
         coll.delete(ids=plan.remove)
     for i in tqdm(range(0, len(plan.write), 1000), desc="store", unit="batch", leave=False):
@@ -316,7 +254,7 @@ def _write(store_path: Path, name: str, work: WorkingCopy, plan: Plan, commit: s
         coll.upsert(
             ids=[ch.id for ch in batch],
             documents=[ch.text for ch in batch],
-            metadatas=[ch.metadata(commit) for ch in batch],
+            metadatas=[ch.metadata(checkout.commit) for ch in batch],
             embeddings=[vectors[ch.text_sha] for ch in batch],
         )
     for i in range(0, len(plan.relabel), 1000):
@@ -324,21 +262,17 @@ def _write(store_path: Path, name: str, work: WorkingCopy, plan: Plan, commit: s
         coll.update(ids=[cid for cid, _ in batch], metadatas=[meta for _, meta in batch])
     if coll.count() != plan.total:
         raise JobError(f"store check failed: {coll.count()} chunks stored, {plan.total} expected")
-    # The lexical index is rebuilt from exactly the chunks now in the store (ms for thousands), so
-    # it can never drift from the vectors; it is published with them in the same swap.
-    everything = coll.get(include=["documents"])
-    shutil.rmtree(work.folder / st.LEXICAL, ignore_errors=True)
-    lexical = BM25Index.build(list(everything["ids"]), list(everything["documents"]))
-    lexical.save(work.folder / st.LEXICAL)
+    # The lexical index is rebuilt from exactly the chunks now in the generation (ms for thousands), so it
+    # can never drift from the vectors; it is published with them.
+    ids, texts_now = [], []
+    for got in pages(coll, ["documents"]):
+        ids += list(got["ids"])
+        texts_now += list(got["documents"])
+    lexical = BM25Index.build(ids, texts_now)
     info["lexical_docs"] = len(lexical)
-    coll.modify(metadata=st.build_metadata(info))
-    work.opened.close()  # Chroma has flushed everything: the folder is final
-    work.opened = None
-    final = st.publish(store_path, work.folder)
-    work.published = True
+    name = writer.publish(gen, info, lexical)
     summary.wrote = True
-    st.collect_garbage(store_path)
-    log.info("published %s (%d chunks, commit %s)", final.name, plan.total, commit[:12])
+    log.info("published %s (%d chunks, commit %s)", name, plan.total, checkout.commit[:12])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="offline", help="profile name (jobs/profiles) or a .toml path")
     p.add_argument("--source", help="override the manifest's sources: a git URL, a local git repo or a folder")
     p.add_argument("--store", help="store path (default: the profile's [store].path)")
+    p.add_argument("--store-url", help="a Chroma server, http://host:port (default: the profile's [store].url)")
     p.add_argument("--corpus", help="corpus manifest (default: the profile's)")
     p.add_argument("--chunk-size", type=int, help="tokens per chunk, prefix and special tokens included")
     p.add_argument("--chunk-overlap", type=int, help="overlap between chunks of a section, in tokens")
@@ -361,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 def profile_from_args(args: argparse.Namespace) -> Profile:
     return load_profile(args.profile, overrides_from_cli(args.set, {
         "store.path": ("--store", args.store),
+        "store.url": ("--store-url", args.store_url),
         "corpus": ("--corpus", args.corpus),
         "chunking.size": ("--chunk-size", args.chunk_size),
         "chunking.overlap": ("--chunk-overlap", args.chunk_overlap),

@@ -35,7 +35,7 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         code = main(argv)
     except JobError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        code = EXIT_USAGE
+        code = exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         code = 130

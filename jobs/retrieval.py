@@ -13,12 +13,13 @@ from llama_index.core import VectorStoreIndex
 from llama_index.core.schema import NodeWithScore
 from llama_index.vector_stores.chroma import ChromaVectorStore
 
-from jobs import store as st
+from jobs import stores
 from jobs.config import Profile
 from jobs.embedding import Embedder
 from jobs.errors import JobError
 from jobs.lexical import BM25Index, reciprocal_rank_fusion
 from jobs.scoring.retrieval import file_ranking
+from jobs.stores.chroma import pages
 
 
 @dataclass(frozen=True)
@@ -70,39 +71,38 @@ class StoreRetriever:
         self.fusion_depth = profile.retrieval.fusion_depth
         self.bm25_weight = profile.retrieval.bm25_weight
         try:
-            self.snapshot = st.Snapshot(profile.store.path, profile.store.collection)
-        except st.DamagedStore as exc:
-            raise JobError(f"store {profile.store.path} is damaged ({exc}): run `make ingest PROFILE={profile.name}` "
-                           "to repair it (it falls back to the previous generation, or rebuilds)") from None
+            self.reader = stores.open_reader(profile)
+        except stores.DamagedStore as exc:
+            raise JobError(f"store {stores.describe(profile)} is damaged ({exc}): run `make ingest "
+                           f"PROFILE={profile.name}` to repair it (it falls back to the previous generation, or "
+                           "rebuilds)") from None
         try:
             self._check_identity(profile, embedder)
-            self.lexical: BM25Index | None = None
-            if self.mode in ("bm25", "hybrid"):
-                try:
-                    self.lexical = BM25Index.load(self.snapshot.folder / st.LEXICAL)
-                except ValueError as exc:
-                    raise JobError(f"store {profile.store.path} has no usable lexical index ({exc}); "
-                                   "re-run `make ingest`") from None
+            self.lexical: BM25Index | None = self.reader.lexical() if self.mode in ("bm25", "hybrid") else None
         except BaseException:
-            self.snapshot.close()
+            self.reader.close()
             raise
-        self.collection, self.build_info = self.snapshot.collection, self.snapshot.info
+        self.collection, self.build_info = self.reader.collection, self.reader.info
         vector_store = ChromaVectorStore(chroma_collection=self.collection)
         self.index = VectorStoreIndex.from_vector_store(vector_store, embed_model=embedder.model)
 
     def _check_identity(self, profile: Profile, embedder: Embedder) -> None:
         """Refuse a store built by another embedder (or with other prefixes): its vectors mean nothing here."""
-        info = self.snapshot.info
+        info = self.reader.info
         mismatch = {k: (info.get(k), v) for k, v in embedder.identity().items() if info.get(k) != v}
         if mismatch:
             what = ", ".join(f"{k}: store has {a!r}, query uses {b!r}" for k, (a, b) in mismatch.items())
-            raise JobError(f"store {profile.store.path} was built with another embedder ({what}); "
+            raise JobError(f"store {stores.describe(profile)} was built with another embedder ({what}); "
                            "re-run `make ingest`")
+
+    @property
+    def generation(self) -> str:
+        return self.reader.generation
 
     def file_hashes(self) -> dict[str, str]:
         """Every source file the store holds, with the sha1 of the bytes it was chunked from."""
-        got = self.collection.get(include=["metadatas"])
-        return {str(m.get("path")): str(m.get("file_sha", "")) for m in got["metadatas"]}
+        return {str(m.get("path")): str(m.get("file_sha", "")) for got in pages(self.collection, ["metadatas"])
+                for m in got["metadatas"]}
 
     def paths(self) -> set[str]:
         return set(self.file_hashes())
@@ -143,7 +143,7 @@ class StoreRetriever:
         return getattr(self, self.mode)(question, k)
 
     def close(self) -> None:
-        self.snapshot.close()
+        self.reader.close()
 
     def __enter__(self) -> StoreRetriever:
         return self

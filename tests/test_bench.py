@@ -17,7 +17,7 @@ def test_bench_writes_every_table(tmp_path: Path, corpus_dir: Path, minilm_path:
                             extra=f'\n[llm]\nmodel = "{tiny_llm}"\ndevice = "cpu"\nbatch_size = 4\n')
     out = tmp_path / "bench"
     assert main(["--profile", str(profile), "--corpus-dir", str(corpus_dir), "--questions", str(MINI_QUESTIONS),
-                 "--out", str(out), "--max-new-tokens", "6", "--batch-sizes", "2,4"]) == 0
+                 "--out", str(out), "--max-new-tokens", "6", "--batch-sizes", "2,4", "--concurrency", "1,2"]) == 0
     (written,) = out.glob("bench-*.md")
     text = written.read_text(encoding="utf-8")
     assert text in capsys.readouterr().out
@@ -31,5 +31,12 @@ def test_bench_writes_every_table(tmp_path: Path, corpus_dir: Path, minilm_path:
     assert embedded["unchanged re-ingest"] == 0
     assert 0 < embedded["one file changed"] < embedded["full ingest"]
     n_prompts = 2 * sum(1 for _ in MINI_QUESTIONS.read_text(encoding="utf-8").splitlines()[1:] if _.strip())
-    assert text.count(f"{n_prompts} of {n_prompts}") == 2  # batched answers identical to sequential ones
+    in_process = text.split("## Eval generation")[1].split("## Served")[0]
+    assert in_process.count(f"{n_prompts} of {n_prompts}") == 2  # batched answers identical to sequential ones
     assert re.search(r"at most \d+\.\d\dx sequential", text) and re.search(r"\d+% of the bound", text)
+    # The served rows: llama.cpp's server with 1 and 2 slots, every prompt answered, its own rates read back.
+    for slots in (1, 2):
+        row = next(line for line in text.splitlines() if f"served, llama.cpp, {slots} slot(s)" in line)
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[1]) > 0 and re.fullmatch(r"\d+ of \d+", cells[6])
+        assert float(cells[7]) > 0 and cells[8].endswith("per request")

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from jobs import store as st
 from jobs.config import ROOT, load_profile
 from jobs.embedding import Embedder, load_embedder
 from jobs.errors import JobError
@@ -21,12 +20,14 @@ from jobs.ingest import ingest
 from jobs.lexical import BM25Index
 from jobs.retrieval import StoreRetriever
 from jobs.scoring.retrieval import file_ranking
+from jobs.stores import chroma
+from jobs.stores import embedded as st
 from tests.conftest import MINI_QUESTIONS, write_manifest, write_profile
 
 
 def lexical_ids(profile) -> list[str]:
     with st.Snapshot(profile.store.path, profile.store.collection) as snap:
-        return BM25Index.load(snap.folder / st.LEXICAL).ids
+        return BM25Index.load(snap.folder / chroma.LEXICAL).ids
 
 
 def build_record(profile) -> dict:
@@ -201,14 +202,14 @@ def test_bf16_embedder_is_recorded_rebuilds_and_stays_close(mini_profile, minilm
 
 def test_index_settings_are_applied_recorded_and_a_change_rebuilds(mini_profile, minilm_embedder, monkeypatch):
     # A store from before the current index settings: Chroma's default search width.
-    monkeypatch.setattr(st, "HNSW", {"space": "cosine", "ef_search": 100})
-    monkeypatch.setattr(st, "INDEX_SPEC", "hnsw space=cosine ef_search=100")
+    monkeypatch.setattr(chroma, "HNSW", {"space": "cosine", "ef_search": 100})
+    monkeypatch.setattr(chroma, "INDEX_SPEC", "hnsw space=cosine ef_search=100")
     ingest(mini_profile, embedder=minilm_embedder)
     monkeypatch.undo()
     summary = ingest(mini_profile, embedder=minilm_embedder)
     assert summary.rebuilt and summary.embedded == summary.chunks
     with st.Snapshot(mini_profile.store.path, mini_profile.store.collection) as snap:
-        assert snap.info["index"] == st.INDEX_SPEC
+        assert snap.info["index"] == chroma.INDEX_SPEC
         hnsw = snap.collection.configuration_json["hnsw"]  # as persisted
         assert (hnsw["ef_search"], hnsw["ef_construction"], hnsw["space"]) == (500, 200, "cosine")
     assert not ingest(mini_profile, embedder=minilm_embedder).wrote  # and then it is up to date

@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from jobs.config import load_profile
 from jobs.errors import JobError
-from jobs.llm import ChatLLM, load_kwargs
+from jobs.llm.huggingface import ChatLLM, load_kwargs
 from jobs.prompts import bare_user_message, rag_user_message
 
 # InternLM2's chat template (tokenizer_config.json of internlm/internlm2-chat-1_8b).

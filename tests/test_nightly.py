@@ -10,7 +10,7 @@ import pytest
 from jobs import eval as ev
 from jobs.config import load_profile
 from jobs.ingest import ingest
-from jobs.llm import ChatLLM
+from jobs.llm.huggingface import ChatLLM
 from tests.test_eval import eval_profile
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -17,12 +17,12 @@ import pytest
 
 from jobs import eval as ev
 from jobs import ingest as ing
-from jobs import store as st
 from jobs.config import ROOT, load_profile
 from jobs.errors import JobError
 from jobs.ingest import ingest
 from jobs.retrieval import StoreRetriever
 from jobs.source import fetch, load_manifest
+from jobs.stores import embedded as st
 from tests.conftest import MINI_QUESTIONS, build_tiny_chat_model, git, write_manifest, write_profile
 from tests.test_eval import eval_profile
 
@@ -351,7 +351,7 @@ def test_a_store_of_the_old_layout_is_still_read_and_updated(tmp_path, corpus_di
 def test_killed_reader_leaves_no_private_copy_behind(ingested, tmp_path):
     import tempfile
 
-    code = ("import os, sys, time\nfrom jobs import store as st\nfrom jobs.config import load_profile\n"
+    code = ("import os, sys, time\nfrom jobs.stores import embedded as st\nfrom jobs.config import load_profile\n"
             f"p = load_profile({str(ingested)!r})\nsnap = st.Snapshot(p.store.path, p.store.collection)\n"
             "print(snap.folder, flush=True)\ntime.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)

@@ -1,5 +1,5 @@
-"""The persistent Chroma store: immutable generations swapped atomically, leases for readers, a lock for
-the one writer, and a record of what built it.
+"""The embedded store (Chroma's PersistentClient, the one-machine default): immutable generations swapped
+atomically, leases for readers, a lock for the one writer, and a record of what built it.
 
 Layout for a store path ``stores/xtuner`` (a folder: it may be created by hand or be a mounted volume)::
 
@@ -35,37 +35,26 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import chromadb
-from chromadb.config import Settings
 
 from jobs.errors import JobError
 from jobs.files import pid_alive
+from jobs.stores.base import Base, Generation
+from jobs.stores.chroma import (
+    LEXICAL,
+    DamagedStore,
+    check_collection,
+    client_settings,
+    get_collection,
+    read_build_info,
+)
 
 log = logging.getLogger(__name__)
 
-BUILD_PREFIX = "build."
-LEXICAL = "lexical"  # the BM25 index's folder inside a generation
 MANIFEST = "MANIFEST.json"
 LEASE = ".lease"  # readers hold it shared; garbage collection needs it exclusive
 SQLITE = "chroma.sqlite3"
-# The vector index. Chroma's defaults (ef 100/100, multithreaded inserts) build a different HNSW graph
-# each time, and two builds of the same corpus disagreed on 2 of 69 questions' top-20; at a docs-sized
-# store, search this wide is exact up to ties and costs milliseconds, so a rebuild cannot move a nightly score.
-HNSW = {"space": "cosine", "ef_construction": 200, "ef_search": 500}
-INDEX_SPEC = "hnsw " + " ".join(f"{k}={v}" for k, v in HNSW.items())
-# Settings whose change makes every stored vector, chunk boundary or the index wrong: a full rebuild.
-REBUILD_KEYS = ("embedder", "embedder_dtype", "embedder_dim", "embedder_window", "query_prefix", "passage_prefix",
-                "chunk_size", "chunk_overlap", "code_max_lines", "chunker_version", "index")
-_GET_PAGE = 2000
 _READER_PREFIX = "rag-store-reader-"
 _RESOLVE_TRIES = 20
-
-
-class DamagedStore(JobError):
-    """A generation whose files are not what was published (truncated, overwritten) or that Chroma cannot read."""
-
-
-def client_settings() -> Settings:
-    return Settings(anonymized_telemetry=False, allow_reset=False)
 
 
 # ---- layout ------------------------------------------------------------------------------------
@@ -128,62 +117,6 @@ def ingest_lock(store: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-# ---- Chroma access -----------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def client(folder: Path) -> Iterator[chromadb.ClientAPI]:
-    """A Chroma client on a private folder (a working copy): opening writes to its sqlite file."""
-    c = chromadb.PersistentClient(path=str(folder), settings=client_settings())
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-@dataclass(frozen=True)
-class StoredChunk:
-    id: str
-    text_sha: str
-    metadata: dict
-
-
-def read_build_info(collection: chromadb.Collection) -> dict:
-    meta = collection.metadata or {}
-    return {k[len(BUILD_PREFIX):]: v for k, v in meta.items() if k.startswith(BUILD_PREFIX)}
-
-
-def read_chunks(collection: chromadb.Collection) -> dict[str, StoredChunk]:
-    out: dict[str, StoredChunk] = {}
-    offset = 0
-    while True:
-        page = collection.get(include=["metadatas"], limit=_GET_PAGE, offset=offset)
-        for cid, meta in zip(page["ids"], page["metadatas"]):
-            out[cid] = StoredChunk(cid, str(meta.get("text_sha", "")), dict(meta))
-        if len(page["ids"]) < _GET_PAGE:
-            return out
-        offset += _GET_PAGE
-
-
-def get_collection(c: chromadb.ClientAPI, name: str, *, create: bool) -> chromadb.Collection:
-    # embedding_function=None: Chroma's default would download an ONNX model. We always pass vectors.
-    if create:
-        return c.get_or_create_collection(
-            name=name, embedding_function=None, configuration={"hnsw": dict(HNSW)}
-        )
-    try:
-        return c.get_collection(name=name, embedding_function=None)
-    except Exception as exc:  # chromadb raises NotFoundError / ValueError depending on version
-        raise JobError(f"collection {name!r} not found in store: {exc}") from None
-
-
-def build_metadata(info: dict) -> dict:
-    """Flatten build info for Chroma's collection metadata (str/int/float/bool only)."""
-    out = {}
-    for k, v in info.items():
-        out[BUILD_PREFIX + k] = v if isinstance(v, (str, int, float, bool)) else json.dumps(v, sort_keys=True)
-    return out
 
 
 # ---- integrity ---------------------------------------------------------------------------------
@@ -305,12 +238,7 @@ def open_copy(copy: Path, gen: Path, name: str) -> OpenCopy:
         raise  # not damage: the store holds no such collection (another profile's, or a renamed one)
     try:
         info = read_build_info(coll)
-        count = coll.count()
-        if "chunks" in info and count != info["chunks"]:
-            raise DamagedStore(f"generation {gen.name}: {count} chunks stored, its build record says {info['chunks']}")
-        if count:  # the vector index loads and answers
-            first = coll.get(limit=1, include=["embeddings"])
-            coll.query(query_embeddings=[list(first["embeddings"][0])], n_results=1)
+        check_collection(coll, info, f"generation {gen.name}")
     except DamagedStore:
         c.close()
         raise
@@ -477,3 +405,105 @@ class Snapshot:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---- the interface (jobs.stores.base) ---------------------------------------------------------
+
+class EmbeddedReader:
+    def __init__(self, store: Path, collection: str) -> None:
+        self.store = store
+        self.snapshot = Snapshot(store, collection)
+        self.collection, self.info = self.snapshot.collection, self.snapshot.info
+        self.generation = self.snapshot.generation.name
+
+    def lexical(self):  # noqa: ANN201 - BM25Index, imported lazily
+        from jobs.lexical import BM25Index
+
+        try:
+            return BM25Index.load(self.snapshot.folder / LEXICAL)
+        except ValueError as exc:
+            raise JobError(f"store {self.store} has no usable lexical index ({exc}); re-run `make ingest`") from None
+
+    def close(self) -> None:
+        self.snapshot.close()
+
+
+class EmbeddedWriter:
+    """The one ingest of a store folder (an flock). The base is a private, verified copy of the newest sound
+    generation, and the next generation is that same copy changed in place, then published."""
+
+    def __init__(self, store: Path, collection: str) -> None:
+        self.store, self.name = store, collection
+        self._folder: Path | None = None
+        self._opened: OpenCopy | None = None
+        self._published = False
+
+    def base(self) -> Base:
+        live = live_generation(self.store)
+        candidates = ([live] if live else []) + [g for g in finished_generations(self.store) if g != live]
+        for gen in candidates:
+            folder = None
+            try:
+                folder = new_generation(self.store, gen)
+                opened = open_copy(folder, gen, self.name)
+            except DamagedStore as exc:
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
+                log.warning("%s%s; trying the previous generation", "live " if gen == live else "", exc)
+                continue
+            except JobError as exc:  # no such collection: nothing to build on
+                shutil.rmtree(folder, ignore_errors=True)
+                log.warning("store settings changed (%s): rebuilding from scratch", exc)
+                return self.empty()
+            if gen != live:
+                log.warning("recovering from generation %s (the live one is damaged)", gen.name)
+            self._folder, self._opened = folder, opened
+            return Base(opened.collection, opened.info, is_live=gen == live,
+                        has_lexical=(folder / LEXICAL).is_dir())
+        if candidates:
+            log.warning("no sound generation left in %s: rebuilding from scratch", self.store)
+        return self.empty(rebuilt=bool(candidates))
+
+    def empty(self, rebuilt: bool = True) -> Base:
+        self.close()
+        self._folder = new_generation(self.store, None)
+        return Base(None, {}, is_live=False, rebuilt=rebuilt)
+
+    def create(self, base: Base, exclude: set[str]) -> Generation:
+        # The base is already a private copy: it becomes the next generation; the plan applied to it
+        # deletes and rewrites what ``exclude`` names.
+        if self._opened is None:
+            self._opened = create_collection(self._folder, self.name)
+        return Generation(self._folder.name, self._opened.collection)
+
+    def publish(self, gen: Generation, info: dict, lexical) -> str:  # noqa: ANN001 - BM25Index
+        from jobs.stores.chroma import build_metadata
+
+        gen.collection.modify(metadata=build_metadata(info))
+        shutil.rmtree(self._folder / LEXICAL, ignore_errors=True)
+        lexical.save(self._folder / LEXICAL)  # published with the vectors in the same swap
+        self._opened.close()  # Chroma has flushed everything: the folder is final
+        self._opened = None
+        final = publish(self.store, self._folder)
+        self._published = True
+        collect_garbage(self.store)
+        return final.name
+
+    def close(self) -> None:
+        if self._opened is not None:
+            self._opened.close()
+            self._opened = None
+        if self._folder is not None and not self._published:
+            shutil.rmtree(self._folder, ignore_errors=True)
+        self._folder = None
+
+
+@contextlib.contextmanager
+def writer(store: Path, collection: str) -> Iterator[EmbeddedWriter]:
+    with ingest_lock(store):
+        collect_garbage(store)
+        w = EmbeddedWriter(store, collection)
+        try:
+            yield w
+        finally:
+            w.close()

@@ -1,4 +1,4 @@
-"""The answering model: LlamaIndex's HuggingFaceLLM, with every prompt rendered by the model's chat template.
+"""The in-process backend: LlamaIndex's HuggingFaceLLM, with every prompt rendered by the model's chat template.
 
 ``HuggingFaceLLM`` defaults are unfair to a bare-vs-RAG comparison: ``chat()`` goes through the chat
 template but a query engine calls ``complete()`` with the raw QA text. Here both modes call
@@ -11,8 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,21 +21,9 @@ from jobs.cache import folder_fingerprint
 from jobs.config import LLMConfig, Profile
 from jobs.device import pick_device, pick_dtype
 from jobs.errors import JobError
+from jobs.llm.base import Completion, OnResult
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    prompt: str  # exactly what was tokenized
-    prompt_tokens: int
-    answer_tokens: int
-    seconds: float
-    error: str = ""  # set when no answer could be produced: recorded and shown, never cached
-
-
-OnResult = Callable[[int, Completion], None]
 
 
 def load_kwargs(cfg: LLMConfig, location: str) -> dict:
@@ -190,6 +176,13 @@ class ChatLLM:
                                       seconds=seconds))
         return results
 
+    @property
+    def questions_per_step(self) -> int:
+        return max(1, self.cfg.batch_size)
+
+    def close(self) -> None:
+        pass
+
     @functools.cached_property
     def _weights(self) -> str:
         # Hashing a local model folder reads files: once per process, not once per batch.
@@ -204,13 +197,14 @@ class ChatLLM:
                 "seed": self.cfg.seed}
 
     def identity(self) -> dict[str, str | int | float | bool]:
-        return {"llm": self.name, "llm_revision": self.cfg.revision, "llm_device": self.device,
+        return {"llm": self.name, "llm_backend": "hf (in process)", "llm_revision": self.cfg.revision,
+                "llm_device": self.device,
                 "llm_dtype": str(self.model.dtype).removeprefix("torch."),
                 "max_new_tokens": self.cfg.max_new_tokens, "do_sample": False, "seed": self.cfg.seed,
                 "stop_ids": ",".join(map(str, self.stop_ids))}
 
 
-def load_llm(profile: Profile) -> ChatLLM:
+def load_hf(profile: Profile) -> ChatLLM:
     cfg = profile.llm
     if not cfg.model:
         raise JobError(f"profile {profile.name!r} names no [llm].model")

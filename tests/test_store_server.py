@@ -1,0 +1,255 @@
+"""The store on a real Chroma server (`chroma run`, from the chromadb wheel) on 127.0.0.1: the same
+incremental ingest, atomic publish, crash safety and retrieval as the embedded store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chromadb
+import pytest
+
+from jobs import eval as ev
+from jobs import ingest as ing
+from jobs import serve
+from jobs.check import retrieval_scores
+from jobs.config import ROOT, load_profile
+from jobs.errors import JobError
+from jobs.ingest import ingest
+from jobs.retrieval import StoreRetriever
+from jobs.stores import server as srv
+from jobs.stores.chroma import client_settings
+from tests.conftest import MINI_QUESTIONS, build_tiny_chat_model, write_manifest, write_profile
+from tests.test_eval import LLM_SECTION
+
+HEADER = "id,question,language,expected_keywords,expected_sources,category,notes\n"
+
+
+@pytest.fixture(scope="session")
+def chroma_server(tmp_path_factory):
+    """`chroma run` on a free port of 127.0.0.1 with a temporary path; stopped (hard after 5 s) at the end."""
+    data = tmp_path_factory.mktemp("chroma-server")
+    port = serve.free_port()
+    log = open(data / "server.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("chroma")), "run", "--path", str(data / "db"),
+                             "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
+    while time.monotonic() - started < 60:
+        assert proc.poll() is None, (data / "server.log").read_text(errors="replace")
+        try:
+            chromadb.HttpClient(host="127.0.0.1", port=port, settings=client_settings()).heartbeat()
+            break
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.2)
+    yield url
+    serve.stop(proc)
+    log.close()
+
+
+_collections = iter(range(10_000))
+
+
+def make_server_profile(tmp_path: Path, corpus: Path, minilm: str, llm: Path, url: str,
+                        questions: Path = MINI_QUESTIONS, max_new_tokens: int = 8) -> Path:
+    """A profile over the corpus whose store is a fresh collection on the server at ``url``."""
+    manifest = write_manifest(tmp_path / "m.toml", ref="main", sources=[("folder", str(corpus))])
+    extra = LLM_SECTION.format(model=llm, questions=questions, reports=tmp_path / "reports",
+                               max_new_tokens=max_new_tokens)
+    path = write_profile(tmp_path / "p.toml", embedder=minilm, corpus=manifest,
+                         store=tmp_path / "stores" / "unused", cache=tmp_path / "cache", extra=extra)
+    text = path.read_text(encoding="utf-8").replace(
+        'collection = "mini_docs"', f'collection = "mini_docs_{next(_collections)}"\nurl = "{url}"\nlease_s = 30')
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def server_profile(tmp_path, corpus_dir, minilm_path, tiny_llm, chroma_server):
+    return make_server_profile(tmp_path, corpus_dir, minilm_path, tiny_llm, chroma_server)
+
+
+def _client(profile):
+    return srv.connect(profile)
+
+
+def _generations(profile) -> list[str]:
+    prefix = profile.store.collection + srv.GENERATION
+    return sorted(c.name for c in _client(profile).list_collections() if c.name.startswith(prefix))
+
+
+def _live(profile) -> str:
+    return srv._pointer_meta(_client(profile), profile.store.collection)["live"]
+
+
+def test_ingest_eval_reingest_and_one_change_on_a_server(server_profile, corpus_dir, minilm_embedder):
+    profile = load_profile(str(server_profile))
+    first = ingest(profile, embedder=minilm_embedder)
+    assert first.wrote and first.embedded > 0 and len(_generations(profile)) == 1
+    assert not profile.store.path.exists()  # nothing local: the store is on the server
+    run, df, _, _ = ev.evaluate(profile)
+    assert len(df) == 8
+    header = json.loads((run.path / "summary.json").read_text(encoding="utf-8"))["run"]
+    assert header["store_generation"] == _live(profile) and profile.store.url in header["store"]
+
+    again = ingest(profile, embedder=minilm_embedder)  # unchanged: embeds nothing, publishes nothing
+    assert (again.embedded, again.wrote) == (0, False) and len(_generations(profile)) == 1
+
+    faq = corpus_dir / "docs/zh_cn/faq.md"
+    faq.write_text(faq.read_text(encoding="utf-8").replace("WSL2", "WSL2 或虚拟机"), encoding="utf-8")
+    before = _live(profile)
+    one = ingest(profile, embedder=minilm_embedder)
+    assert one.wrote and 0 < one.embedded <= sum(1 for _ in faq.read_text(encoding="utf-8").split("##"))
+    assert one.embedded == one.updated + one.added
+    assert _live(profile) != before and set(_generations(profile)) == {before, _live(profile)}  # previous kept
+    reader = srv.ServerReader(profile)
+    try:
+        assert reader.collection.count() == one.chunks and reader.info["corpus_commit"] == one.commit
+        texts = reader.collection.get(where={"path": "docs/zh_cn/faq.md"}, include=["documents"])["documents"]
+        assert any("虚拟机" in t for t in texts)
+    finally:
+        reader.close()
+
+
+def test_server_and_embedded_stores_retrieve_the_same(server_profile, minilm_embedder):
+    on_server = load_profile(str(server_profile))
+    embedded = load_profile(str(server_profile), {"store.url": ""})
+    ingest(on_server, embedder=minilm_embedder)
+    ingest(embedded, embedder=minilm_embedder)
+    for mode in ("dense", "bm25", "hybrid"):
+        assert retrieval_scores(on_server, MINI_QUESTIONS, minilm_embedder, mode) == retrieval_scores(
+            embedded, MINI_QUESTIONS, minilm_embedder, mode)
+
+
+def test_kill_9_while_writing_keeps_the_old_generation_live(server_profile, corpus_dir, minilm_embedder):
+    profile = load_profile(str(server_profile))
+    ingest(profile, embedder=minilm_embedder)
+    live = _live(profile)
+    for i in range(25):
+        (corpus_dir / f"docs/en/page{i}.md").write_text(
+            f"# Page {i}\n\n" + " ".join(f"Sentence {j} of page {i} about topic {i * j}." for j in range(60)),
+            encoding="utf-8")
+    log = open(Path(server_profile).parent / "ingest.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.ingest", "--profile", str(server_profile)], cwd=ROOT,
+                            stdout=log, stderr=log)
+    started = time.monotonic()
+    while proc.poll() is None and time.monotonic() - started < 240:
+        building = [g for g in _generations(profile) if g != live]
+        if building and _client(profile).get_collection(building[0]).count() > 0:
+            break  # the new generation is being written
+        time.sleep(0.05)
+    assert proc.poll() is None, "the ingest finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    log.close()
+    assert _live(profile) == live  # the old generation is still live and answers
+    with StoreRetriever(profile, minilm_embedder) as r:
+        assert r.generation == live and r.retrieve("learning rate", 3)
+    assert len(_generations(profile)) == 2  # the leftover of the killed ingest
+
+    # Its lease is still held until it expires (store.lease_s = 30 s): the next ingest waits it out.
+    with pytest.raises(JobError, match="being written by another ingest"):
+        ingest(profile, embedder=minilm_embedder)
+    meta = srv._pointer_meta(_client(profile), profile.store.collection)
+    time.sleep(max(0.0, float(meta["lease_expires"]) - time.time()) + 0.5)
+    done = ingest(profile, embedder=minilm_embedder)
+    assert done.wrote and done.added > 0
+    assert set(_generations(profile)) == {live, _live(profile)}  # the leftover was removed, the previous kept
+
+
+def test_an_eval_sees_one_generation_while_ingests_publish(tmp_path, corpus_dir, minilm_path, minilm_embedder,
+                                                          chroma_server):
+    questions = tmp_path / "many.csv"
+    rows = [f"q{i:02d},What is the default learning rate {i}?,en,3e-4,docs/en/config.md,english," for i in range(30)]
+    questions.write_text(HEADER + "\n".join(rows) + "\n", encoding="utf-8")
+    slow = build_tiny_chat_model(tmp_path / "slow-llm", hidden=256, layers=4)
+    server_profile = make_server_profile(tmp_path, corpus_dir, minilm_path, slow, chroma_server, questions=questions,
+                                         max_new_tokens=48)
+    profile = load_profile(str(server_profile))
+    ingest(profile, embedder=minilm_embedder)
+    first = _live(profile)
+    log = open(tmp_path / "eval.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.eval", "--profile", str(server_profile)], cwd=ROOT,
+                            stdout=log, stderr=log)
+    try:
+        started = time.monotonic()
+        while proc.poll() is None and time.monotonic() - started < 300:
+            found = list((tmp_path / "reports").glob("*/progress.jsonl"))
+            if found and found[0].read_bytes().count(b"\n") >= 2:
+                break
+            time.sleep(0.05)
+        faq = corpus_dir / "docs/zh_cn/faq.md"
+        for night in range(2):
+            faq.write_text(faq.read_text(encoding="utf-8") + f"\n\n## 更新 {night}\n\n第 {night} 次更新。\n",
+                           encoding="utf-8")
+            assert ingest(profile, embedder=minilm_embedder).wrote
+        assert proc.poll() is None, "the eval finished before the publishes: the test proves nothing"
+        assert first in _generations(profile)  # two publishes later, the eval's generation is leased, not collected
+        assert proc.wait(timeout=600) == 0, (tmp_path / "eval.log").read_text(errors="replace")[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    run = next((tmp_path / "reports").glob("*/summary.json")).parent
+    assert json.loads((run / "summary.json").read_text(encoding="utf-8"))["run"]["store_generation"] == first
+    ingest(profile, embedder=minilm_embedder)  # the reader's lease is gone: collected now
+    assert first not in _generations(profile)
+
+
+def test_second_concurrent_ingest_is_refused(server_profile, minilm_embedder):
+    profile = load_profile(str(server_profile))
+    with srv.writer(profile):
+        with pytest.raises(JobError, match=r"being written by another ingest \(.*:\d+, lease until"):
+            ingest(profile, embedder=minilm_embedder)
+    assert ingest(profile, embedder=minilm_embedder).wrote  # released with its holder
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"store.url": "http://127.0.0.1:{free}"}, r"cannot reach the Chroma server at http://127\.0\.0\.1:\d+"),
+    ({"store.tenant": "nobody"}, r"Chroma server http://127\.0\.0\.1:\d+ has no tenant 'nobody'"),
+    ({"store.database": "nodb"}, r"has no database 'nodb' in tenant 'default_tenant'"),
+])
+def test_server_errors_are_one_line_before_anything_is_written(server_profile, change, message):
+    overrides = {k: v.format(free=serve.free_port()) for k, v in change.items()}
+    args = ["--profile", str(server_profile)] + [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+    for main in (ing.main, ev.main):
+        with pytest.raises(JobError, match=message) as err:
+            main(args)
+        assert "\n" not in str(err.value)
+    assert not load_profile(str(server_profile)).eval.reports_dir.exists()
+
+
+def test_a_store_built_by_another_embedder_is_refused_and_a_settings_change_rebuilds(server_profile,
+                                                                                    minilm_embedder):
+    import dataclasses
+
+    from jobs.embedding import Embedder
+
+    profile = load_profile(str(server_profile))
+    ingest(profile, embedder=minilm_embedder)
+    other = Embedder(dataclasses.replace(minilm_embedder.cfg, model="some/other-model"), minilm_embedder.location)
+    with pytest.raises(JobError, match="built with another embedder"):
+        StoreRetriever(profile, other)
+    smaller = load_profile(str(server_profile), {"chunking.size": 48})
+    rebuilt = ingest(smaller, embedder=minilm_embedder)
+    assert rebuilt.rebuilt and rebuilt.embedded == rebuilt.chunks
+
+
+def test_bm25_follows_the_generation_through_a_local_cache(server_profile, minilm_embedder, tmp_path):
+    profile = load_profile(str(server_profile))
+    ingest(profile, embedder=minilm_embedder)
+    gen = _live(profile)
+    cached = srv._cache_dir(profile, gen)
+    assert cached.is_dir()  # the ingest that built the generation cached its index
+    # Another machine (another cache) rebuilds it from the generation's documents on first use.
+    elsewhere = load_profile(str(server_profile), {"paths.cache": str(tmp_path / "elsewhere")})
+    with StoreRetriever(elsewhere, minilm_embedder, "bm25") as r:
+        hits = r.retrieve("lumen train --resume", 3)
+        assert hits and hits[0].path == "docs/zh_cn/faq.md"
+    assert srv._cache_dir(elsewhere, gen).is_dir()
