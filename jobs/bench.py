@@ -77,6 +77,111 @@ def store_contents(profile, field: str) -> dict[str, object]:
         reader.close()
 
 
+def retrieval_latency(profile, embedder, questions: Path) -> dict[str, tuple[float, float]]:
+    """p50 and p95 seconds of one retrieval (embed + search, at the check depth) per mode."""
+    from jobs.retrieval import StoreRetriever
+
+    qs = load_questions(questions).questions
+    out = {}
+    for mode in RETRIEVAL_MODES:
+        with StoreRetriever(profile, embedder, mode) as r:
+            r.retrieve(qs[0].question, profile.retrieval.check_depth)  # warm-up
+            seconds = []
+            for q in qs:
+                started = time.perf_counter()
+                r.retrieve(q.question, profile.retrieval.check_depth)
+                seconds.append(time.perf_counter() - started)
+        lat = pd.Series(seconds)
+        out[mode] = (lat.quantile(0.5), lat.quantile(0.95))
+    return out
+
+
+def store_speed(profile, embedder, copy: Path, target: Path, questions: Path, work: Path, embedded_runs,
+                scales: list[int]) -> dict:
+    """The same ingests into a Chroma server (`chroma run` on 127.0.0.1) as into the embedded store; retrieval
+    latency over HTTP against embedded; and what a server store's BM25 index costs to rebuild from the
+    generation's documents at 1x, 10x, 100x the corpus (synthetic copies)."""
+    from jobs import serve
+    from jobs.lexical import BM25Index
+    from jobs.stores.chroma import HNSW, pages
+    from jobs.stores.server import connect
+
+    full_e, same_e, one_e = embedded_runs
+    with serve.running_chroma(work / "chroma", log_path=work / "chroma.log") as url:
+        sp = dataclasses.replace(profile, store=dataclasses.replace(profile.store, url=url),
+                                 paths=dataclasses.replace(profile.paths, cache=work / "server-cache"))
+        original = target.read_text(encoding="utf-8")
+        target.write_text(original.split("\n\n## 基准测试")[0], encoding="utf-8")  # the corpus of the full ingest
+        full = ingest(sp, source=str(copy), embedder=embedder)
+        same = ingest(sp, source=str(copy), embedder=embedder)
+        target.write_text(original, encoding="utf-8")
+        one = ingest(sp, source=str(copy), embedder=embedder)
+        latency = {"embedded": retrieval_latency(profile, embedder, questions),
+                   "server": retrieval_latency(sp, embedder, questions)}
+        client = connect(sp)
+        live = client.get_collection(f"{sp.store.collection}__live").metadata["live"]
+        base = client.get_collection(live)
+        docs = [got for got in pages(base, ["documents", "embeddings", "metadatas"], page=1000)]
+        bm25 = []
+        for k in scales:
+            name = f"bench_bm25_{k}x"
+            coll = client.create_collection(name, embedding_function=None, configuration={"hnsw": dict(HNSW)})
+            for copy_no in range(k):
+                for got in docs:
+                    coll.add(ids=[f"{i}~{copy_no}" for i in got["ids"]], documents=got["documents"],
+                             embeddings=got["embeddings"], metadatas=got["metadatas"])
+            started = time.perf_counter()
+            ids, texts = [], []
+            for got in pages(coll, ["documents"]):
+                ids += list(got["ids"])
+                texts += list(got["documents"])
+            fetch_s = time.perf_counter() - started
+            started = time.perf_counter()
+            index = BM25Index.build(ids, texts)
+            build_s = time.perf_counter() - started
+            started = time.perf_counter()
+            index.save(work / f"bm25-{k}x")
+            save_s = time.perf_counter() - started
+            started = time.perf_counter()
+            BM25Index.load(work / f"bm25-{k}x")
+            load_s = time.perf_counter() - started
+            bm25.append({"scale": k, "docs": len(ids), "fetch_s": fetch_s, "build_s": build_s, "save_s": save_s,
+                         "load_s": load_s, "mb": sum(f.stat().st_size for f in (work / f"bm25-{k}x").iterdir()) / 1e6})
+            client.delete_collection(name)
+    runs = [("full ingest", full_e, full), ("unchanged re-ingest", same_e, same), ("one file changed", one_e, one)]
+    return {"runs": runs, "latency": latency, "bm25": bm25}
+
+
+def server_lines(server: dict | None) -> list[str]:
+    if not server:
+        return []
+    rows = [{"run": name, "embedded s": f"{e.seconds:.1f}", "server s": f"{s.seconds:.1f}",
+             "server / embedded": f"{s.seconds / e.seconds:.2f}", "embedded (server)": f"{s.embedded}",
+             "server run": s.line()} for name, e, s in server["runs"]]
+    lat = [{"mode": mode, "embedded p50 ms": f"{server['latency']['embedded'][mode][0] * 1000:.0f}",
+            "embedded p95 ms": f"{server['latency']['embedded'][mode][1] * 1000:.0f}",
+            "server p50 ms": f"{server['latency']['server'][mode][0] * 1000:.0f}",
+            "server p95 ms": f"{server['latency']['server'][mode][1] * 1000:.0f}"} for mode in RETRIEVAL_MODES]
+    bm25 = [{"corpus": f"{b['scale']}x", "documents": f"{b['docs']:,}", "fetch over HTTP s": f"{b['fetch_s']:.1f}",
+             "build s": f"{b['build_s']:.1f}", "save s": f"{b['save_s']:.2f}", "index MB": f"{b['mb']:.1f}",
+             "first use s": f"{b['fetch_s'] + b['build_s'] + b['save_s']:.1f}",
+             "later use (cached) s": f"{b['load_s']:.2f}"} for b in server["bm25"]]
+    return [
+        "## The store on a Chroma server (`chroma run` on 127.0.0.1) against the embedded store",
+        pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True),
+        "",
+        "Retrieval latency per question (embed the question + search, over HTTP for the server):",
+        "",
+        pd.DataFrame(lat).to_markdown(index=False, disable_numparse=True),
+        "",
+        "BM25 on a server store: rebuilt from the generation's documents on a machine's first use, then cached "
+        "under the generation's name (synthetic copies of the corpus for 10x and 100x):",
+        "",
+        pd.DataFrame(bm25).to_markdown(index=False, disable_numparse=True),
+        "",
+    ]
+
+
 def encoder_flops_per_token(config, seq_len: float) -> float:
     """Forward FLOPs per token of a BERT-style encoder: 2 x matmul weights, plus attention scores."""
     h, layers, ff = config.hidden_size, config.num_hidden_layers, config.intermediate_size
@@ -208,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", default="", metavar="N,N,...",
                    help="batched generation rows to measure (default: the profile's llm.batch_size)")
     p.add_argument("--skip-eval", action="store_true", help="ingest and retrieval only")
+    p.add_argument("--skip-server", action="store_true", help="skip the Chroma server measurements")
+    p.add_argument("--bm25-scales", default="1,10,100", metavar="N,N,...",
+                   help="corpus copies for the BM25 rebuild cost on a server store")
     p.add_argument("--served-profile", default="offline-served",
                    help="the profile whose [serve] model llama.cpp's server runs for the served measurements")
     p.add_argument("--concurrency", default="1,2,4,8", metavar="N,N,...",
@@ -219,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     batch_sizes = _sizes(p, args.batch_sizes)  # before the long runs: a typo fails now, not in ten minutes
     concurrencies = _sizes(p, args.concurrency, minimum=1, flag="--concurrency")
+    scales = _sizes(p, args.bm25_scales, minimum=1, flag="--bm25-scales")
     joblog.setup(args.verbose)
     base = load_profile(args.profile, overrides_from_cli(args.set, {
         "embedder.device": ("--device", args.device), "llm.device": ("--device", args.device)}))
@@ -251,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                           encoding="utf-8")
         one = ingest(profile, source=str(copy), embedder=embedder)
         rows.append(("one file changed", one.seconds, one.embedded, one.line()))
+        server = None if args.skip_server else store_speed(profile, embedder, copy, target, questions, work,
+                                                           (full, same, one), scales)
         ours = {}
         for mode in RETRIEVAL_MODES:
             ours[mode], n = retrieval_scores(profile, questions, embedder, mode)
@@ -367,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{tokenize_s:.2f} s, {tokenize_s / max(full.embed_seconds, 1e-9):.1%} of the embedding time.",
         "",
         *eval_lines,
+        *server_lines(server),
         f"## Retrieval (file-level, {n} questions with expected sources)",
         retrieval.to_markdown(index=False, disable_numparse=True),
         "",

@@ -12,19 +12,22 @@ from jobs.embedding import Embedder, load_embedder
 from jobs.errors import JobError
 from jobs.questions import load_questions
 from jobs.retrieval import StoreRetriever
+from jobs.rewrite import QueryRewriter, load_rewriter
 from jobs.scoring.retrieval import file_ranking, format_line, scores
 
 log = logging.getLogger(__name__)
 
 
 def retrieval_scores(profile: Profile, questions_csv: Path, embedder: Embedder | None = None,
-                     mode: str | None = None) -> tuple[dict[str, float], int]:
+                     mode: str | None = None, rewriter: QueryRewriter | None = None) -> tuple[dict[str, float], int]:
     qs = [q for q in load_questions(questions_csv).questions if q.expected_sources]
     if not qs:
         raise JobError(f"{questions_csv}: no question has expected_sources: nothing to check")
     embedder = embedder or load_embedder(profile)
     per_question = []
-    with StoreRetriever(profile, embedder, mode) as retriever:
+    if rewriter is not None:
+        rewriter.prepare([q.question for q in qs])
+    with StoreRetriever(profile, embedder, mode, rewriter) as retriever:
         stored = retriever.paths()
         for q in qs:
             missing = [s for s in q.expected_sources if s not in stored]
@@ -38,11 +41,16 @@ def retrieval_scores(profile: Profile, questions_csv: Path, embedder: Embedder |
 
 
 def run_check(profile: Profile, questions_csv: Path, embedder: Embedder | None = None) -> list[str]:
-    """One line per retrieval mode, the profile's own marked, so the comparison is one command away."""
+    """One line per retrieval mode, the profile's own marked, so the comparison is one command away; with the
+    profile's query rewriting, each mode once without and once with it."""
     embedder = embedder or load_embedder(profile)
+    rewriter = load_rewriter(profile)
     lines = []
     for mode in RETRIEVAL_MODES:
-        means, n = retrieval_scores(profile, questions_csv, embedder, mode)
-        mark = " (profile default)" if mode == profile.retrieval.mode else ""
-        lines.append(f"{mode:<7} {format_line(means)} (n={n}){mark}")
+        for rw in (None, rewriter) if rewriter is not None else (None,):
+            means, n = retrieval_scores(profile, questions_csv, embedder, mode, rw)
+            label = f"{mode} + {profile.retrieval.rewrite}" if rw is not None else mode
+            mark = " (profile default)" if mode == profile.retrieval.mode and (rw is not None) == (
+                rewriter is not None) else ""
+            lines.append(f"{label:<7} {format_line(means)} (n={n}){mark}")
     return lines

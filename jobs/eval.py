@@ -38,6 +38,7 @@ from jobs.questions import Question, QuestionSet, load_questions
 from jobs.report import summary_table, write_report
 from jobs.results import RunDir, point_latest
 from jobs.retrieval import StoreRetriever
+from jobs.rewrite import load_rewriter
 from jobs.scoring import attribution
 from jobs.scoring import keywords as kw
 from jobs.scoring.retrieval import file_ranking, scores
@@ -85,6 +86,7 @@ def make_jobs(q: Question, modes: set[str], llm: ChatModel, retriever: StoreRetr
         extra = {
             **(scores(ranked, q.expected_sources) if q.expected_sources else {}),
             "retrieve_s": round(retrieve_s, 4),
+            "rewrite": retriever.rewrite_of(q.question),
             # The very chunks given to the model, text included: failures are attributed from them later.
             "retrieved": json.dumps([{"path": h.path, "heading": h.heading, "score": round(h.score, 4),
                                       "chunk_id": h.chunk_id, "text": h.text} for h in context], ensure_ascii=False),
@@ -211,6 +213,7 @@ def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = 
         for qid, missing in stale.items():
             log.warning("question %s: expected source(s) not in the store: %s", qid, ", ".join(missing))
         llm = load_llm(profile)
+        retriever.rewriter = load_rewriter(profile, llm)
         run = run or RunDir.create(reports, profile.name, info)
         cache = GenerationCache(profile.paths.cache / "generations", enabled=use_cache)
         # Failed answers of an interrupted run are asked again; the rest are kept.
@@ -222,6 +225,8 @@ def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = 
         step = llm.questions_per_step
         with tqdm(total=len(selected) * len(MODES), initial=kept, desc="answers", unit="answer") as bar:
             for i in range(0, len(selected), step):
+                if retriever.rewriter is not None:  # the step's rewrites in one batch, before its retrievals
+                    retriever.rewriter.prepare([q.question for q in selected[i:i + step] if (q.id, "rag") not in done])
                 jobs = [j for q in selected[i:i + step] for j in make_jobs(
                     q, {m for m in MODES if (q.id, m) not in done}, llm, retriever, profile)]
 

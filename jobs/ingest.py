@@ -25,7 +25,7 @@ from jobs.config import Profile, load_profile, overrides_from_cli
 from jobs.documents import Document, read_document
 from jobs.embedding import Embedder, load_embedder
 from jobs.errors import JobError
-from jobs.lexical import TOKENIZER_VERSION, BM25Index
+from jobs.lexical import index_chunks, lexical_spec
 from jobs.source import Checkout, fetch, load_manifest, source_from_override
 from jobs.stores import chroma
 from jobs.stores.chroma import StoredChunk, pages, read_chunks
@@ -34,8 +34,6 @@ log = logging.getLogger("jobs.ingest")
 
 # Bump when chunking logic changes in a way that moves chunk boundaries: forces a rebuild.
 CHUNKER_VERSION = 1
-# What the lexical index beside the vectors is built with; a change rebuilds it (not the vectors).
-LEXICAL_VERSION = f"bm25 tokenizer v{TOKENIZER_VERSION}"
 
 
 @dataclass
@@ -161,7 +159,8 @@ def build_info(profile: Profile, embedder: Embedder, checkout: Checkout, manifes
         "min_doc_chars": profile.chunking.min_doc_chars,
         "chunker_version": CHUNKER_VERSION,
         "index": chroma.INDEX_SPEC,
-        "lexical": LEXICAL_VERSION,
+        "lexical": lexical_spec(profile.retrieval.heading_weight),  # a change rebuilds it, not the vectors
+        "heading_weight": profile.retrieval.heading_weight,
         "files": summary.files,
         "skipped": summary.skipped,
         "chunks": summary.chunks,
@@ -264,11 +263,12 @@ def _update(profile: Profile, writer: stores.Writer, checkout: Checkout, docs: l
         raise JobError(f"store check failed: {coll.count()} chunks stored, {plan.total} expected")
     # The lexical index is rebuilt from exactly the chunks now in the generation (ms for thousands), so it
     # can never drift from the vectors; it is published with them.
-    ids, texts_now = [], []
-    for got in pages(coll, ["documents"]):
+    ids, texts_now, metas = [], [], []
+    for got in pages(coll, ["documents", "metadatas"]):
         ids += list(got["ids"])
         texts_now += list(got["documents"])
-    lexical = BM25Index.build(ids, texts_now)
+        metas += list(got["metadatas"])
+    lexical = index_chunks(ids, texts_now, metas, profile.retrieval.heading_weight)
     info["lexical_docs"] = len(lexical)
     name = writer.publish(gen, info, lexical)
     summary.wrote = True

@@ -255,6 +255,23 @@ class BM25Index:
         return cls(ids, model, tokenizer)
 
 
+def field_text(text: str, heading: str, heading_weight: int) -> str:
+    """What BM25 indexes for a chunk: its text, whose first line is already its heading path, plus the heading
+    path ``heading_weight - 1`` more times (BM25F by repetition: the title and section words weigh more)."""
+    return text + ("\n" + heading) * (heading_weight - 1) if heading and heading_weight > 1 else text
+
+
+def lexical_spec(heading_weight: int) -> str:
+    """How a store's lexical index was built; a change rebuilds it (never the vectors)."""
+    return f"bm25 tokenizer v{TOKENIZER_VERSION}" + (f", heading x{heading_weight}" if heading_weight > 1 else "")
+
+
+def index_chunks(ids: list[str], texts: list[str], metadatas: list[dict], heading_weight: int) -> BM25Index:
+    """The BM25 index of a store's chunks, headings weighted as the profile says."""
+    return BM25Index.build(ids, [field_text(t, str(m.get("heading") or ""), heading_weight)
+                                 for t, m in zip(texts, metadatas)])
+
+
 def reciprocal_rank_fusion(rankings: list[list[str]], k: int = 60,
                            weights: Sequence[float] | None = None) -> list[tuple[str, float]]:
     """Fuse rankings (ids, best first) by RRF: score(d) = sum_i w_i / (k + rank_i(d)), best first.

@@ -201,6 +201,10 @@ def questions_table(df: pd.DataFrame) -> pd.DataFrame:
             "top sources (score)": format_sources(r["retrieved"]) if r is not None else "",
         })
     table = pd.DataFrame(rows)
+    if "rewrite" in df and df["rewrite"].fillna("").astype(str).ne("").any():
+        # The query retrieval also used (a translation by the chat model), beside the question it came from.
+        rewrites = rag["rewrite"].fillna("").astype(str)
+        table.insert(4, "query rewrite", [rewrites.get(qid, "") for qid in table["id"]])
     # Failures first (RAG missed a keyword or failed to abstain), then by id.
     table = table.sort_values(["_failed", "id"], ascending=[False, True], kind="stable")
     return table.drop(columns="_failed")

@@ -17,7 +17,8 @@ from jobs import stores
 from jobs.config import Profile
 from jobs.embedding import Embedder
 from jobs.errors import JobError
-from jobs.lexical import BM25Index, reciprocal_rank_fusion
+from jobs.lexical import BM25Index, lexical_spec, reciprocal_rank_fusion
+from jobs.rewrite import QueryRewriter
 from jobs.scoring.retrieval import file_ranking
 from jobs.stores.chroma import pages
 
@@ -65,11 +66,14 @@ def fuse(dense: list[Hit], lexical: list[Hit], k: int, rrf_k: int = 60, bm25_wei
 class StoreRetriever:
     """Opens the live store (refusing another embedder's) and retrieves top-k chunks in one mode."""
 
-    def __init__(self, profile: Profile, embedder: Embedder, mode: str | None = None) -> None:
+    def __init__(self, profile: Profile, embedder: Embedder, mode: str | None = None,
+                 rewriter: QueryRewriter | None = None) -> None:
         self.mode = mode or profile.retrieval.mode
         self.rrf_k = profile.retrieval.rrf_k
         self.fusion_depth = profile.retrieval.fusion_depth
         self.bm25_weight = profile.retrieval.bm25_weight
+        self.rewrite_weight = profile.retrieval.rewrite_weight
+        self.rewriter = rewriter  # set after the chat model loads (the store is checked before it)
         try:
             self.reader = stores.open_reader(profile)
         except stores.DamagedStore as exc:
@@ -78,7 +82,10 @@ class StoreRetriever:
                            "rebuilds)") from None
         try:
             self._check_identity(profile, embedder)
-            self.lexical: BM25Index | None = self.reader.lexical() if self.mode in ("bm25", "hybrid") else None
+            self.lexical: BM25Index | None = None
+            if self.mode in ("bm25", "hybrid"):
+                self._check_lexical(profile)
+                self.lexical = self.reader.lexical()
         except BaseException:
             self.reader.close()
             raise
@@ -103,6 +110,13 @@ class StoreRetriever:
         """Every source file the store holds, with the sha1 of the bytes it was chunked from."""
         return {str(m.get("path")): str(m.get("file_sha", "")) for got in pages(self.collection, ["metadatas"])
                 for m in got["metadatas"]}
+
+    def _check_lexical(self, profile: Profile) -> None:
+        built, wanted = self.reader.info.get("lexical"), lexical_spec(profile.retrieval.heading_weight)
+        if built is not None and built != wanted:
+            raise JobError(f"store {stores.describe(profile)}: its lexical index is '{built}', the profile asks for "
+                           f"'{wanted}': re-run `make ingest PROFILE={profile.name}` (it rebuilds the lexical index "
+                           "only)")
 
     def paths(self) -> set[str]:
         return set(self.file_hashes())
@@ -135,12 +149,26 @@ class StoreRetriever:
         return fuse(self.dense(question, depth), self.bm25(question, depth), k, self.rrf_k, self.bm25_weight)
 
     def describe(self) -> str:
-        if self.mode != "hybrid":
-            return self.mode
-        return f"hybrid (RRF k={self.rrf_k}, bm25 weight {self.bm25_weight:g}, depth {self.fusion_depth})"
+        lexical = self.build_info.get("lexical", "")
+        heading = f", {lexical.split(', ')[1]}" if ", heading" in lexical else ""
+        out = self.mode if self.mode != "hybrid" else (
+            f"hybrid (RRF k={self.rrf_k}, bm25 weight {self.bm25_weight:g}, depth {self.fusion_depth}{heading})")
+        if self.rewriter is not None:
+            out += f" + the question's {self.rewriter.describe()} (weight {self.rewrite_weight:g})"
+        return out
+
+    def rewrite_of(self, question: str) -> str:
+        """The rewritten query retrieval also used for ``question`` ("" when none)."""
+        return self.rewriter.translation(question) if self.rewriter is not None else ""
 
     def retrieve(self, question: str, k: int) -> list[Hit]:
-        return getattr(self, self.mode)(question, k)
+        search = getattr(self, self.mode)
+        rewritten = self.rewrite_of(question)
+        if not rewritten:
+            return search(question, k)
+        # Both queries' rankings fused like the two retrievers: files first, each file's best chunks in turn.
+        depth = max(k, self.fusion_depth)
+        return fuse(search(question, depth), search(rewritten, depth), k, self.rrf_k, self.rewrite_weight)
 
     def close(self) -> None:
         self.reader.close()

@@ -75,7 +75,7 @@ def command(profile: Profile, port: int | None = None, parallel: int | None = No
            "--alias", profile.llm.model, "--parallel", str(slots),
            "--ctx-size", str(slots * profile.serve.ctx_per_slot), "--threads", str(threads),
            "--threads-batch", str(threads), "--no-webui", "--seed", str(profile.llm.seed)]
-    env = dict(os.environ)
+    env = {**os.environ, "OMP_WAIT_POLICY": profile.serve.wait_policy.upper()}
     if profile.llm.api_key_env:
         key = os.environ.get(profile.llm.api_key_env)
         if not key:
@@ -128,6 +128,39 @@ def running(profile: Profile, port: int | None = None, parallel: int | None = No
     try:
         wait_ready(f"http://127.0.0.1:{port}", proc)
         yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        stop(proc)
+        if log_path:
+            out.close()
+
+
+@contextlib.contextmanager
+def running_chroma(path: Path, port: int | None = None, log_path: Path | None = None) -> Iterator[str]:
+    """`chroma run` (it ships in the chromadb wheel) on 127.0.0.1 with data in ``path``; yields its URL."""
+    import sys
+
+    import chromadb
+
+    from jobs.stores.chroma import client_settings
+
+    port = port or free_port()
+    chroma = Path(sys.executable).with_name("chroma")
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([str(chroma), "run", "--path", str(path), "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        started = time.monotonic()
+        while True:
+            if proc.poll() is not None:
+                raise JobError(f"chroma run exited with code {proc.returncode} while starting")
+            try:
+                chromadb.HttpClient(host="127.0.0.1", port=port, settings=client_settings()).heartbeat()
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.monotonic() - started > 60:
+                    raise JobError(f"chroma run on port {port} was not ready after 60s") from None
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc)
         if log_path:

@@ -165,3 +165,44 @@ def build_tiny_chat_model(folder: Path, *, hidden: int = 64, layers: int = 2, se
 @pytest.fixture(scope="session")
 def tiny_llm(tmp_path_factory) -> Path:
     return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-llm") / "model")
+
+
+class BackgroundEval:
+    """`python -m jobs.eval` in a subprocess, its output in a file (a pipe could fill up and block it)."""
+
+    def __init__(self, profile: Path, log: Path, *args: str) -> None:
+        import sys
+
+        from jobs.config import ROOT
+
+        self.log = log
+        self._out = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "jobs.eval", "--profile", str(profile), *args],
+                                     cwd=ROOT, stdout=self._out, stderr=self._out)
+
+    def wait_for_answers(self, reports: Path, n: int, timeout_s: float = 300) -> Path | None:
+        """The run's progress file once it holds ``n`` answers (polled, bounded in time), else None."""
+        import time
+
+        started = time.monotonic()
+        while self.proc.poll() is None and time.monotonic() - started < timeout_s:
+            found = list(reports.glob("*/progress.jsonl"))
+            if found and found[0].read_bytes().count(b"\n") >= n:
+                return found[0]
+            time.sleep(0.02)
+        return None
+
+    def wait(self, timeout_s: float = 600) -> int:
+        code = self.proc.wait(timeout=timeout_s)
+        self._out.flush()
+        return code
+
+    def output(self) -> str:
+        self._out.flush()
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._out.close()

@@ -17,7 +17,8 @@ def test_bench_writes_every_table(tmp_path: Path, corpus_dir: Path, minilm_path:
                             extra=f'\n[llm]\nmodel = "{tiny_llm}"\ndevice = "cpu"\nbatch_size = 4\n')
     out = tmp_path / "bench"
     assert main(["--profile", str(profile), "--corpus-dir", str(corpus_dir), "--questions", str(MINI_QUESTIONS),
-                 "--out", str(out), "--max-new-tokens", "6", "--batch-sizes", "2,4", "--concurrency", "1,2"]) == 0
+                 "--out", str(out), "--max-new-tokens", "6", "--batch-sizes", "2,4", "--concurrency", "1,2",
+                 "--bm25-scales", "1,3"]) == 0
     (written,) = out.glob("bench-*.md")
     text = written.read_text(encoding="utf-8")
     assert text in capsys.readouterr().out
@@ -40,3 +41,12 @@ def test_bench_writes_every_table(tmp_path: Path, corpus_dir: Path, minilm_path:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[1]) > 0 and re.fullmatch(r"\d+ of \d+", cells[6])
         assert float(cells[7]) > 0 and cells[8].endswith("per request")
+    # The server store: the same three ingests (the unchanged one embeds nothing there either), latency per
+    # mode, and the BM25 rebuild at 1x and 3x the corpus.
+    server = text.split("## The store on a Chroma server")[1].split("## Retrieval (file-level")[0]
+    unchanged = next(line for line in server.splitlines() if line.startswith("| unchanged re-ingest"))
+    assert "embedded=0" in unchanged
+    for mode in ("dense", "bm25", "hybrid"):
+        assert f"| {mode} " in server
+    docs = [int(m.replace(",", "")) for m in re.findall(r"^\| [13]x\s+\| ([\d,]+)", server, re.M)]
+    assert len(docs) == 2 and docs[1] == 3 * docs[0] > 0

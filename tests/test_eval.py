@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +18,7 @@ from jobs.errors import JobError
 from jobs.eval import evaluate, main
 from jobs.ingest import ingest
 from jobs.report import escape_cell
-from tests.conftest import MINI_QUESTIONS, write_manifest, write_profile
+from tests.conftest import MINI_QUESTIONS, BackgroundEval, write_manifest, write_profile
 
 LLM_SECTION = """
 [llm]
@@ -140,19 +139,14 @@ def test_resume_after_kill_does_each_question_once(tmp_path, corpus_dir, minilm_
     ingest(load_profile(str(prof)), embedder=minilm_embedder)
 
     cmd = [sys.executable, "-m", "jobs.eval", "--profile", str(prof)]
-    with open(tmp_path / "eval.log", "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log)
-        started = time.monotonic()
-        progress = None
-        while proc.poll() is None and time.monotonic() - started < 300:
-            found = list((tmp_path / "reports").glob("*/progress.jsonl"))
-            if found and found[0].read_bytes().count(b"\n") >= 5:
-                progress = found[0]
-                break
-            time.sleep(0.005)
-        assert proc.poll() is None, "the run finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    job = BackgroundEval(prof, tmp_path / "eval.log")
+    try:
+        progress = job.wait_for_answers(tmp_path / "reports", 5)
+        assert job.proc.poll() is None, "the run finished before it could be killed"
+        os.kill(job.proc.pid, signal.SIGKILL)
+        job.proc.wait()
+    finally:
+        job.stop()
     done_before = progress.read_bytes().count(b"\n")
     assert 5 <= done_before < 60 and not (progress.parent / "summary.json").exists()
 

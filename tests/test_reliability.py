@@ -23,7 +23,14 @@ from jobs.ingest import ingest
 from jobs.retrieval import StoreRetriever
 from jobs.source import fetch, load_manifest
 from jobs.stores import embedded as st
-from tests.conftest import MINI_QUESTIONS, build_tiny_chat_model, git, write_manifest, write_profile
+from tests.conftest import (
+    MINI_QUESTIONS,
+    BackgroundEval,
+    build_tiny_chat_model,
+    git,
+    write_manifest,
+    write_profile,
+)
 from tests.test_eval import eval_profile
 
 HEADER = "id,question,language,expected_keywords,expected_sources,category,notes\n"
@@ -102,30 +109,20 @@ def test_eval_survives_three_publishes_and_reads_one_generation(tmp_path, corpus
     ingest(profile, embedder=minilm_embedder)
     first = st.live_generation(profile.store.path)
 
-    log = open(tmp_path / "eval.log", "wb")  # noqa: SIM115 - a file, not a pipe that could fill up
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.eval", "--profile", str(prof)], cwd=ROOT,
-                            stdout=log, stderr=log)
+    job = BackgroundEval(prof, tmp_path / "eval.log")
     try:
-        started = time.monotonic()
-        while proc.poll() is None and time.monotonic() - started < 300:
-            found = list((tmp_path / "reports").glob("*/progress.jsonl"))
-            if found and found[0].read_bytes().count(b"\n") >= 2:
-                break
-            time.sleep(0.05)
+        job.wait_for_answers(tmp_path / "reports", 2)
         faq = corpus_dir / "docs/zh_cn/faq.md"
         for night in range(3):
             faq.write_text(faq.read_text(encoding="utf-8") + f"\n\n## 更新 {night}\n\n第 {night} 次更新的内容。\n",
                            encoding="utf-8")
             assert ingest(profile, embedder=minilm_embedder).wrote
-        assert proc.poll() is None, "the eval finished before the publishes: the test proves nothing"
+        assert job.proc.poll() is None, "the eval finished before the publishes: the test proves nothing"
         # Collection keeps two generations, but the one the eval reads is leased: it is still there.
         assert first.is_dir() and len(st.finished_generations(profile.store.path)) == 3
-        assert proc.wait(timeout=600) == 0, (tmp_path / "eval.log").read_text(errors="replace")[-3000:]
+        assert job.wait() == 0, job.output()[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
+        job.stop()
     run = next((tmp_path / "reports").glob("*/summary.json")).parent
     results = pd.read_csv(run / "results.csv")
     assert len(results) == 80

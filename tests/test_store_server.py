@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import chromadb
 import pytest
 
 from jobs import eval as ev
@@ -23,8 +22,7 @@ from jobs.errors import JobError
 from jobs.ingest import ingest
 from jobs.retrieval import StoreRetriever
 from jobs.stores import server as srv
-from jobs.stores.chroma import client_settings
-from tests.conftest import MINI_QUESTIONS, build_tiny_chat_model, write_manifest, write_profile
+from tests.conftest import MINI_QUESTIONS, BackgroundEval, build_tiny_chat_model, write_manifest, write_profile
 from tests.test_eval import LLM_SECTION
 
 HEADER = "id,question,language,expected_keywords,expected_sources,category,notes\n"
@@ -34,22 +32,8 @@ HEADER = "id,question,language,expected_keywords,expected_sources,category,notes
 def chroma_server(tmp_path_factory):
     """`chroma run` on a free port of 127.0.0.1 with a temporary path; stopped (hard after 5 s) at the end."""
     data = tmp_path_factory.mktemp("chroma-server")
-    port = serve.free_port()
-    log = open(data / "server.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("chroma")), "run", "--path", str(data / "db"),
-                             "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    started = time.monotonic()
-    while time.monotonic() - started < 60:
-        assert proc.poll() is None, (data / "server.log").read_text(errors="replace")
-        try:
-            chromadb.HttpClient(host="127.0.0.1", port=port, settings=client_settings()).heartbeat()
-            break
-        except Exception:  # noqa: BLE001 - not up yet
-            time.sleep(0.2)
-    yield url
-    serve.stop(proc)
-    log.close()
+    with serve.running_chroma(data / "db", log_path=data / "server.log") as url:
+        yield url
 
 
 _collections = iter(range(10_000))
@@ -173,29 +157,19 @@ def test_an_eval_sees_one_generation_while_ingests_publish(tmp_path, corpus_dir,
     profile = load_profile(str(server_profile))
     ingest(profile, embedder=minilm_embedder)
     first = _live(profile)
-    log = open(tmp_path / "eval.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.eval", "--profile", str(server_profile)], cwd=ROOT,
-                            stdout=log, stderr=log)
+    job = BackgroundEval(server_profile, tmp_path / "eval.log")
     try:
-        started = time.monotonic()
-        while proc.poll() is None and time.monotonic() - started < 300:
-            found = list((tmp_path / "reports").glob("*/progress.jsonl"))
-            if found and found[0].read_bytes().count(b"\n") >= 2:
-                break
-            time.sleep(0.05)
+        job.wait_for_answers(tmp_path / "reports", 2)
         faq = corpus_dir / "docs/zh_cn/faq.md"
         for night in range(2):
             faq.write_text(faq.read_text(encoding="utf-8") + f"\n\n## 更新 {night}\n\n第 {night} 次更新。\n",
                            encoding="utf-8")
             assert ingest(profile, embedder=minilm_embedder).wrote
-        assert proc.poll() is None, "the eval finished before the publishes: the test proves nothing"
+        assert job.proc.poll() is None, "the eval finished before the publishes: the test proves nothing"
         assert first in _generations(profile)  # two publishes later, the eval's generation is leased, not collected
-        assert proc.wait(timeout=600) == 0, (tmp_path / "eval.log").read_text(errors="replace")[-3000:]
+        assert job.wait() == 0, job.output()[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
+        job.stop()
     run = next((tmp_path / "reports").glob("*/summary.json")).parent
     assert json.loads((run / "summary.json").read_text(encoding="utf-8"))["run"]["store_generation"] == first
     ingest(profile, embedder=minilm_embedder)  # the reader's lease is gone: collected now

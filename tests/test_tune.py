@@ -13,7 +13,7 @@ from jobs.config import ROOT
 from jobs.ingest import ingest
 from jobs.questions import load_questions
 from jobs.retrieval import Hit, fuse
-from jobs.tune import Setting, choose, main, sweep
+from jobs.tune import Setting, choose, main, single, sweep
 
 DATA = Path(__file__).parent / "data"
 SNAPSHOT = ROOT.parent / "shared/corpora/xtuner"
@@ -37,40 +37,60 @@ def test_choice_rule_prefers_plain_rrf_among_equals():
     best = {"hit_at_1": 1.0, "hit_at_3": 1.0, "hit_at_5": 1.0, "mrr": 1.0}
     worse = {**best, "mrr": 0.9}
     results = {Setting(10, 1.0, 50): best, Setting(60, 2.0, 50): best, Setting(60, 1.5, 100): best,
-               Setting(60, 1.0, 50): worse}
-    assert choose(results, 50) == Setting(60, 1.5, 100)  # keeps rrf_k 60 first, then the smaller weight
+               Setting(60, 1.0, 50): worse, Setting(60, 1.0, 50, heading_weight=2): best}
+    # Keeps rrf_k 60 first, then weight 1 (the heading weight counts after it), then the depth.
+    assert choose(results, 50) == Setting(60, 1.0, 50, heading_weight=2)
     results[Setting(60, 1.0, 50)] = best
     assert choose(results, 50) == Setting(60, 1.0, 50)
+    # Among equals, no translation is the plainer setting; a better one wins on MRR whatever it costs.
+    results[Setting(60, 1.0, 50, rewrite_weight=0.5)] = best
+    assert choose(results, 50) == Setting(60, 1.0, 50)
+    results[Setting(60, 1.0, 50, rewrite_weight=0.5)] = {**best, "mrr": 1.01}
+    assert choose(results, 50).rewrite_weight == 0.5
 
 
 def test_sweep_scores_what_the_retriever_returns(mini_profile, minilm_embedder, tmp_path):
-    ingest(mini_profile, embedder=minilm_embedder)
     questions = DATA / "questions.csv"
-    results, single, n = sweep(mini_profile, questions, minilm_embedder, rrf_ks=(10, 60), weights=(1.0, 3.0),
-                               depths=(20,))
-    assert n == sum(1 for q in load_questions(questions).questions if q.expected_sources) and len(results) == 4
-    for setting, means in results.items():
-        r = dataclasses.replace(mini_profile.retrieval, rrf_k=setting.rrf_k, bm25_weight=setting.bm25_weight,
-                                fusion_depth=setting.fusion_depth)
-        direct, _ = retrieval_scores(dataclasses.replace(mini_profile, retrieval=r), questions, minilm_embedder,
-                                     "hybrid")
-        assert means == pytest.approx(direct)
+    for hw in (1, 2):  # each heading weight against a store built with it
+        profile = dataclasses.replace(mini_profile, retrieval=dataclasses.replace(mini_profile.retrieval,
+                                                                                  heading_weight=hw))
+        ingest(profile, embedder=minilm_embedder)
+        results, per_set, cands = sweep(profile, [questions], minilm_embedder, rrf_ks=(10, 60), weights=(1.0, 3.0),
+                                        depths=(20,), heading_weights=(1, 2))
+        assert len(results) == 8 and len(cands[questions]) == sum(
+            1 for q in load_questions(questions).questions if q.expected_sources)
+        for setting, means in results.items():
+            if setting.heading_weight != hw:
+                continue
+            r = dataclasses.replace(profile.retrieval, rrf_k=setting.rrf_k, bm25_weight=setting.bm25_weight,
+                                    fusion_depth=setting.fusion_depth)
+            direct, _ = retrieval_scores(dataclasses.replace(profile, retrieval=r), questions, minilm_embedder,
+                                         "hybrid")
+            assert means == pytest.approx(direct)
+            assert per_set[setting][questions] == pytest.approx(direct)
     for mode in ("dense", "bm25"):
-        assert single[mode] == pytest.approx(retrieval_scores(mini_profile, questions, minilm_embedder, mode)[0])
+        plain = dataclasses.replace(mini_profile, retrieval=dataclasses.replace(mini_profile.retrieval,
+                                                                                heading_weight=1))
+        ingest(plain, embedder=minilm_embedder)
+        assert single(cands[questions], mode, plain.retrieval.check_depth) == pytest.approx(
+            retrieval_scores(plain, questions, minilm_embedder, mode)[0])
 
 
 def test_tune_cli_writes_its_table(mini_profile, minilm_embedder, tmp_path, capsys):
     ingest(mini_profile, embedder=minilm_embedder)
     profile_file = next(tmp_path.glob("profile.toml"))
     out = tmp_path / "out"
-    assert main(["--profile", str(profile_file), "--questions", str(DATA / "questions.csv"), "--out", str(out)]) == 0
+    assert main(["--profile", str(profile_file), "--questions", str(DATA / "questions.csv"), "--out", str(out),
+                 "--no-public"]) == 0
     written = list(out.glob("tune-*.md"))
     assert len(written) == 1
     text = written[0].read_text(encoding="utf-8")
     assert "chosen" in text and "--set retrieval.bm25_weight=" in text and text in capsys.readouterr().out
+    assert "## Each lever alone, and the chosen combination" in text and "heading weight alone" in text
 
 
-@pytest.mark.parametrize("name", ["xtuner_questions.csv", "xtuner_dev_questions.csv"])
+@pytest.mark.parametrize("name", ["xtuner_questions.csv", "xtuner_dev_questions.csv",
+                                  "xtuner_hard_dev_questions.csv"])
 def test_shipped_question_sets_are_valid(name):
     qs = load_questions(ROOT / "eval" / name).questions
     assert len(qs) >= 20
@@ -84,4 +104,9 @@ def test_shipped_question_sets_are_valid(name):
 def test_dev_and_public_sets_share_no_question():
     public = {q.question for q in load_questions(ROOT / "eval/xtuner_questions.csv").questions}
     dev = {q.question for q in load_questions(ROOT / "eval/xtuner_dev_questions.csv").questions}
-    assert not public & dev
+    hard = load_questions(ROOT / "eval/xtuner_hard_dev_questions.csv").questions
+    assert not public & dev and not public & {q.question for q in hard} and not dev & {q.question for q in hard}
+    # What the harder set is for: paraphrases, questions across the docs' two languages, answers over two pages.
+    categories = {q.category for q in hard}
+    assert {"paraphrase", "cross-lingual", "multi-doc", "negative"} <= categories and len(hard) >= 40
+    assert any(len(q.expected_sources) >= 2 for q in hard if q.category == "multi-doc")

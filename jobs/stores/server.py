@@ -218,7 +218,7 @@ def _cache_dir(profile: Profile, generation: str) -> Path:
 def lexical_index(profile: Profile, generation: str, collection: chromadb.Collection):  # noqa: ANN201
     """The generation's BM25 index: from the local cache, else rebuilt from its documents and cached."""
     from jobs.files import publish_folder
-    from jobs.lexical import BM25Index
+    from jobs.lexical import BM25Index, index_chunks
 
     folder = _cache_dir(profile, generation)
     if folder.is_dir():
@@ -229,11 +229,13 @@ def lexical_index(profile: Profile, generation: str, collection: chromadb.Collec
         except ValueError as exc:
             log.warning("rebuilding the cached lexical index of %s: %s", generation, exc)
     started = time.perf_counter()
-    ids, texts = [], []
-    for got in pages(collection, ["documents"]):
+    ids, texts, metas = [], [], []
+    for got in pages(collection, ["documents", "metadatas"]):
         ids += list(got["ids"])
         texts += list(got["documents"])
-    index = BM25Index.build(ids, texts)
+        metas += list(got["metadatas"])
+    # Built as the generation's own record says (the ingest that published it used the same setting).
+    index = index_chunks(ids, texts, metas, int(read_build_info(collection).get("heading_weight", 1)))
     cache_lexical(profile, generation, index, publish_folder)
     log.info("built the lexical index of %s from %d documents in %.1fs (cached in %s)", generation, len(ids),
              time.perf_counter() - started, folder)
