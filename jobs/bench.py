@@ -298,6 +298,7 @@ def served_speed(served_profile, users: list[str], max_new_tokens: int, concurre
                     "same_as_served_1": sum(a == b for a, b in zip(texts, first)),
                     "prompt_tokens": sum(a.prompt_tokens for a in answers),
                     "answer_tokens": sum(a.answer_tokens for a in answers),
+                    "prefill_s": prefill_ms / 1000, "decode_s": decode_ms / 1000,
                     "prefill_tps": prefill_n / (prefill_ms / 1000) if prefill_ms else None,
                     "decode_tps": decode_n / (decode_ms / 1000) if decode_ms else None})
     return out
@@ -538,6 +539,27 @@ def served_lines(gen: dict, served: list[dict], served_profile) -> list[str]:
         "the rest of the sequential run. Answers differ between the paths where the numerics differ: llama.cpp "
         "multiplies Q4_1 weights with 8-bit activations, the in-process model is the same weights dequantised to "
         "fp32; and a server batching several requests runs other kernels than one alone.",
+        "",
+        *served_floor(seq, served),
+    ]
+
+
+def served_floor(seq: float, served: list[dict]) -> list[str]:
+    """Why more slots do not help here, from the one-slot run: requests then run alone, so the server's
+    per-request prompt and decode times add up to its wall time and split it cleanly."""
+    one = next((r for r in served if r["concurrency"] == 1 and r["prefill_s"]), None)
+    if one is None:
+        return []
+    prefill, decode, rest = one["prefill_s"], one["decode_s"], one["seconds"] - one["prefill_s"] - one["decode_s"]
+    floor = seq / prefill
+    return [
+        f"Where one slot spends its {one['seconds']:.1f} s: reading prompts {prefill:.1f} s "
+        f"({one['prompt_tokens']:,} tokens at {one['prefill_tps']:.0f} tok/s), decoding {decode:.1f} s, HTTP and "
+        f"scheduling {max(rest, 0):.1f} s. Reading a prompt is already a matrix-matrix product that fills both "
+        "cores, so more slots cannot make it faster; they only share the cores between requests (the per-request "
+        f"rates above fall as slots rise while the wall time stays put). Even with decoding free, reading the "
+        f"prompts caps the server at {floor:.2f}x in-process sequential on this machine: 4x would need prompts "
+        f"read at {4 * one['prompt_tokens'] / seq:.0f} tok/s.",
         "",
     ]
 

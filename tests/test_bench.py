@@ -41,6 +41,9 @@ def test_bench_writes_every_table(tmp_path: Path, corpus_dir: Path, minilm_path:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[1]) > 0 and re.fullmatch(r"\d+ of \d+", cells[6])
         assert float(cells[7]) > 0 and cells[8].endswith("per request")
+    # Where one slot's time goes, split from the server's own timings, and the ceiling that follows.
+    floor = re.search(r"reading prompts ([\d.]+) s .* decoding ([\d.]+) s.* caps the server at ([\d.]+)x", text)
+    assert floor and float(floor[1]) > 0 and float(floor[3]) > 0
     # The server store: the same three ingests (the unchanged one embeds nothing there either), latency per
     # mode, and the BM25 rebuild at 1x and 3x the corpus.
     server = text.split("## The store on a Chroma server")[1].split("## Retrieval (file-level")[0]
