@@ -78,6 +78,7 @@ class StoreConfig:
 
 RETRIEVAL_MODES = ("dense", "bm25", "hybrid")
 REWRITES = ("none", "translate")
+FUSIONS = ("rrf", "relative_score")
 # dtype settings and the torch dtype each names ("auto" is resolved per device by jobs.device).
 DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -85,9 +86,12 @@ DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "
 
 @dataclass(frozen=True)
 class RetrievalConfig:
-    # dense: embeddings in Chroma; bm25: the lexical index beside them; hybrid: both, fused by
-    # reciprocal rank fusion (rrf_k dampens the weight of top ranks).
+    # dense: embeddings in Chroma; bm25: the lexical index beside them; hybrid: both, fused.
     mode: str = "hybrid"
+    # How hybrid fuses the two lists: "rrf" by rank, or "relative_score" by scores scaled to 0..1 per list
+    # (LlamaIndex's QueryFusionRetriever offers both): scores keep how far ahead a list's first file is.
+    fusion: str = "rrf"
+    # RRF's constant (dampens the weight of top ranks); also fuses a question with its translation.
     rrf_k: int = _in(0, 10_000, 60)
     # Candidates each retriever contributes to the fusion: a file that one retriever ranks 30th can
     # still be the other's first. `python -m jobs.tune` measures it with the weights.
@@ -406,6 +410,8 @@ def _validate(p: Profile, where: str) -> None:
     c = p.chunking
     if c.overlap >= c.size // 2:
         raise JobError(f"{where} [chunking].overlap={c.overlap}: must be >= 0 and < size/2 ({c.size // 2})")
+    if p.retrieval.fusion not in FUSIONS:
+        raise JobError(f"{where} [retrieval].fusion={p.retrieval.fusion!r}: expected one of {', '.join(FUSIONS)}")
     if p.retrieval.mode not in RETRIEVAL_MODES:
         raise JobError(f"{where} [retrieval].mode={p.retrieval.mode!r}: expected one of {', '.join(RETRIEVAL_MODES)}")
     if p.retrieval.rewrite_into not in ("any", "zh", "en"):

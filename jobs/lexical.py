@@ -294,6 +294,32 @@ def reciprocal_rank_fusion(rankings: list[list[str]], k: int = 60,
     return sorted(fused.items(), key=lambda kv: -kv[1])  # sorted() is stable: ties keep first-met order
 
 
+def relative_score_fusion(scored: list[list[tuple[str, float]]],
+                          weights: Sequence[float] | None = None) -> list[tuple[str, float]]:
+    """Fuse scored lists (id, score) by LlamaIndex's "relative_score" rule: each list's scores min-max scaled
+    to 0..1, weighted, summed per id (an id a list lacks gets 0 from it), best first.
+
+    Unlike RRF it keeps how far ahead a list's first result is: a cosine of 0.9 against 0.5 weighs more than a
+    near-tie, which rank alone cannot tell. An id repeated within a list counts at its best score; a list whose
+    scores are all equal gives each 1. Ties keep first-met order.
+    """
+    if weights is None:
+        weights = [1.0] * len(scored)
+    if len(weights) != len(scored):
+        raise ValueError(f"{len(weights)} weights for {len(scored)} lists")
+    fused: dict[str, float] = {}
+    for weight, pairs in zip(weights, scored):
+        best: dict[str, float] = {}
+        for doc, score in pairs:
+            best[doc] = max(score, best.get(doc, score))
+        if not best:
+            continue
+        lo, hi = min(best.values()), max(best.values())
+        for doc, score in best.items():
+            fused[doc] = fused.get(doc, 0.0) + weight * ((score - lo) / (hi - lo) if hi > lo else 1.0)
+    return sorted(fused.items(), key=lambda kv: -kv[1])
+
+
 # ---- file helpers ----------------------------------------------------------------------------
 
 def _read_json(path: Path) -> dict[str, Any]:

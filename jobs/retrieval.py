@@ -1,7 +1,7 @@
-"""Retrieval over the store: dense (LlamaIndex over Chroma), lexical (BM25), or both fused (RRF).
+"""Retrieval over the store: dense (LlamaIndex over Chroma), lexical (BM25), or both fused (RRF or scores).
 
 Dense and lexical retrievers fail on different questions (paraphrases vs exact identifiers, Chinese
-pages for English questions); reciprocal rank fusion keeps what each finds. The mode is a setting.
+pages for English questions); fusing the two keeps what each finds. The mode and the fusion are settings.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from jobs import stores
 from jobs.config import Profile
 from jobs.embedding import Embedder
 from jobs.errors import JobError
-from jobs.lexical import BM25Index, lexical_spec, reciprocal_rank_fusion
+from jobs.lexical import BM25Index, lexical_spec, reciprocal_rank_fusion, relative_score_fusion
 from jobs.rewrite import QueryRewriter
 from jobs.scoring.retrieval import file_ranking
 from jobs.stores.chroma import pages
@@ -28,7 +28,7 @@ class Hit:
     chunk_id: str
     path: str
     heading: str
-    score: float  # cosine (dense), BM25 score (bm25), or the chunk's RRF score (hybrid)
+    score: float  # cosine (dense), BM25 score (bm25), or the chunk's fused score (hybrid)
     text: str
 
 
@@ -37,19 +37,28 @@ def _cosine(node: NodeWithScore) -> float:
     return 1.0 + math.log(node.score) if node.score and node.score > 0 else 0.0
 
 
-def fuse(dense: list[Hit], lexical: list[Hit], k: int, rrf_k: int = 60, bm25_weight: float = 1.0) -> list[Hit]:
-    """Hybrid retrieval: RRF over source files, then each file's best chunks in turn.
+def fuse(dense: list[Hit], lexical: list[Hit], k: int, rrf_k: int = 60, bm25_weight: float = 1.0,
+         method: str = "rrf") -> list[Hit]:
+    """Hybrid retrieval: the two lists fused over source files, then each file's best chunks in turn.
 
     Fusing files rather than chunks keeps what each retriever is good at: chunks of *other* files
     that both lists happen to contain would otherwise outvote one retriever's clear first file.
     Taking files round-robin gives the model the best passage of each of the top files first.
-    ``bm25_weight`` is the lexical list's weight (dense counts 1); ``python -m jobs.tune`` measures it.
+    ``method`` is "rrf" (ranks; ``rrf_k`` dampens the top) or "relative_score" (each list's scores scaled to
+    0..1, a file scoring as its best chunk). ``bm25_weight`` is the second list's weight (the first counts 1);
+    ``python -m jobs.tune`` measures both.
     """
     weights = [1.0, bm25_weight]
-    files = reciprocal_rank_fusion([file_ranking(h.path for h in dense), file_ranking(h.path for h in lexical)],
-                                   k=rrf_k, weights=weights)
-    chunk_score = dict(reciprocal_rank_fusion([[h.chunk_id for h in dense], [h.chunk_id for h in lexical]],
-                                              k=rrf_k, weights=weights))
+    if method == "relative_score":
+        files = relative_score_fusion([[(h.path, h.score) for h in dense], [(h.path, h.score) for h in lexical]],
+                                      weights)
+        chunk_score = dict(relative_score_fusion([[(h.chunk_id, h.score) for h in dense],
+                                                  [(h.chunk_id, h.score) for h in lexical]], weights))
+    else:
+        files = reciprocal_rank_fusion([file_ranking(h.path for h in dense), file_ranking(h.path for h in lexical)],
+                                       k=rrf_k, weights=weights)
+        chunk_score = dict(reciprocal_rank_fusion([[h.chunk_id for h in dense], [h.chunk_id for h in lexical]],
+                                                  k=rrf_k, weights=weights))
     by_file: dict[str, list[Hit]] = {}
     for h in {h.chunk_id: h for h in lexical + dense}.values():
         by_file.setdefault(h.path, []).append(h)
@@ -70,6 +79,7 @@ class StoreRetriever:
                  rewriter: QueryRewriter | None = None) -> None:
         self.mode = mode or profile.retrieval.mode
         self.rrf_k = profile.retrieval.rrf_k
+        self.fusion = profile.retrieval.fusion
         self.fusion_depth = profile.retrieval.fusion_depth
         self.bm25_weight = profile.retrieval.bm25_weight
         self.rewrite_weight = profile.retrieval.rewrite_weight
@@ -146,13 +156,15 @@ class StoreRetriever:
 
     def hybrid(self, question: str, k: int) -> list[Hit]:
         depth = max(k, self.fusion_depth)
-        return fuse(self.dense(question, depth), self.bm25(question, depth), k, self.rrf_k, self.bm25_weight)
+        return fuse(self.dense(question, depth), self.bm25(question, depth), k, self.rrf_k, self.bm25_weight,
+                    self.fusion)
 
     def describe(self) -> str:
         lexical = self.build_info.get("lexical", "")
         heading = f", {lexical.split(', ')[1]}" if ", heading" in lexical else ""
+        fusion = f"RRF k={self.rrf_k}" if self.fusion == "rrf" else "relative-score fusion"
         out = self.mode if self.mode != "hybrid" else (
-            f"hybrid (RRF k={self.rrf_k}, bm25 weight {self.bm25_weight:g}, depth {self.fusion_depth}{heading})")
+            f"hybrid ({fusion}, bm25 weight {self.bm25_weight:g}, depth {self.fusion_depth}{heading})")
         if self.rewriter is not None:
             out += f" + the question's {self.rewriter.describe()} (weight {self.rewrite_weight:g})"
         return out
@@ -167,6 +179,7 @@ class StoreRetriever:
         if not rewritten:
             return search(question, k)
         # Both queries' rankings fused like the two retrievers: files first, each file's best chunks in turn.
+        # By rank: the two lists' scores are already fused scores, not comparable across queries.
         depth = max(k, self.fusion_depth)
         return fuse(search(question, depth), search(rewritten, depth), k, self.rrf_k, self.rewrite_weight)
 

@@ -11,13 +11,14 @@ two pages). Each question's dense and BM25 candidates are retrieved once per hea
 for its translation, where the profile rewrites queries); every fusion setting is computed from them, so a
 grid of hundreds of settings costs seconds.
 
-The levers: RRF's ``rrf_k``, the BM25 list's weight and the candidates' depth; ``heading_weight`` (BM25F by
+The levers: the fusion (RRF by rank, or relative-score by scores), RRF's ``rrf_k``, the BM25 list's weight and
+the candidates' depth; ``heading_weight`` (BM25F by
 repetition of the heading path); and, for profiles whose chat model can translate, ``rewrite_weight`` (the
 question translated into the docs' other language, fused with the question; 0 = off).
 
 The choice rule is fixed before any result is seen: highest MRR over all development questions together,
-then hit@1, then hit@5; remaining ties go to the setting closest to plain RRF (rrf_k 60, then bm25_weight 1,
-then heading weight 1, then the profile's depth, then the profile's rewrite weight).
+then hit@1, then hit@5; remaining ties go to the setting closest to plain RRF (RRF itself, then rrf_k 60, then
+bm25_weight 1, then heading weight 1, then the profile's depth, then the profile's rewrite weight).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ from jobs.stores.chroma import pages
 log = logging.getLogger("jobs.tune")
 
 RRF_KS = (10, 30, 60)
-BM25_WEIGHTS = (1.0, 2.0, 3.0, 5.0, 8.0)
+BM25_WEIGHTS = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
+FUSIONS = ("rrf", "relative_score")
 DEPTHS = (20, 50)
 HEADING_WEIGHTS = (1, 2, 3)
 REWRITE_WEIGHTS = (0.0, 0.25, 0.5, 1.0)
@@ -65,14 +67,16 @@ class Setting:
     fusion_depth: int
     heading_weight: int = 1
     rewrite_weight: float = 0.0
+    fusion: str = "rrf"
 
     def distance_from_plain(self, depth: int, rewrite: float = 0.0) -> tuple:
         # rrf_k=60 is RRF's published constant (Cormack et al., 2009): leaving it is the larger departure.
-        return (abs(self.rrf_k - 60), abs(math.log(self.bm25_weight)), self.heading_weight - 1,
+        return (self.fusion != "rrf", abs(self.rrf_k - 60), abs(math.log(self.bm25_weight)), self.heading_weight - 1,
                 abs(self.fusion_depth - depth), abs(self.rewrite_weight - rewrite))
 
     def flags(self) -> str:
-        flags = [f"retrieval.rrf_k={self.rrf_k}", f"retrieval.bm25_weight={self.bm25_weight:g}",
+        flags = [f"retrieval.fusion={self.fusion}", f"retrieval.rrf_k={self.rrf_k}",
+                 f"retrieval.bm25_weight={self.bm25_weight:g}",
                  f"retrieval.fusion_depth={self.fusion_depth}", f"retrieval.heading_weight={self.heading_weight}"]
         if self.rewrite_weight:
             flags.append(f"retrieval.rewrite_weight={self.rewrite_weight:g}")
@@ -109,11 +113,11 @@ def hits_for(c: Candidates, s: Setting, k: int) -> list[Hit]:
     """What StoreRetriever.retrieve returns at setting ``s`` (the same fusions, the same depths)."""
     if s.rewrite_weight and c.dense_t:
         depth = max(k, s.fusion_depth)
-        a = fuse(c.dense[:depth], c.lexical[s.heading_weight][:depth], depth, s.rrf_k, s.bm25_weight)
-        b = fuse(c.dense_t[:depth], c.lexical_t[s.heading_weight][:depth], depth, s.rrf_k, s.bm25_weight)
+        a = fuse(c.dense[:depth], c.lexical[s.heading_weight][:depth], depth, s.rrf_k, s.bm25_weight, s.fusion)
+        b = fuse(c.dense_t[:depth], c.lexical_t[s.heading_weight][:depth], depth, s.rrf_k, s.bm25_weight, s.fusion)
         return fuse(a, b, k, s.rrf_k, s.rewrite_weight)
     depth = max(k, s.fusion_depth)
-    return fuse(c.dense[:depth], c.lexical[s.heading_weight][:depth], k, s.rrf_k, s.bm25_weight)
+    return fuse(c.dense[:depth], c.lexical[s.heading_weight][:depth], k, s.rrf_k, s.bm25_weight, s.fusion)
 
 
 def candidates(profile: Profile, question_sets: Sequence[Path], embedder: Embedder,
@@ -179,15 +183,18 @@ def pooled(by_set: dict[Path, Scores], sizes: dict[Path, int]) -> Scores:
 def sweep(profile: Profile, question_sets: Sequence[Path], embedder: Embedder, rrf_ks: Sequence[int] = RRF_KS,
           weights: Sequence[float] = BM25_WEIGHTS, depths: Sequence[int] = DEPTHS,
           heading_weights: Sequence[int] = HEADING_WEIGHTS, rewrite_weights: Sequence[float] = (0.0,),
-          rewriter: QueryRewriter | None = None,
+          rewriter: QueryRewriter | None = None, fusions: Sequence[str] = FUSIONS,
           ) -> tuple[dict[Setting, Scores], dict[Setting, dict[Path, Scores]], dict[Path, list[Candidates]]]:
     """Scores per setting: pooled over the sets (for the rule), and per set."""
     k = profile.retrieval.check_depth
     cands = candidates(profile, question_sets, embedder, heading_weights, rewriter, max(max(depths), k))
     sizes = {p: len(rows) for p, rows in cands.items()}
     per_set: dict[Setting, dict[Path, Scores]] = {}
-    for rrf_k, w, d, hw, rw in itertools.product(rrf_ks, weights, depths, heading_weights, rewrite_weights):
-        s = Setting(rrf_k, w, d, hw, rw)
+    for f, rrf_k, w, d, hw, rw in itertools.product(fusions, rrf_ks, weights, depths, heading_weights,
+                                                    rewrite_weights):
+        if f != "rrf" and not rw and rrf_k != (60 if 60 in rrf_ks else rrf_ks[0]):
+            continue  # rrf_k only fuses a question with its translation here: one value stands for all
+        s = Setting(rrf_k, w, d, hw, rw, f)
         per_set[s] = {p: evaluate(rows, s, k) for p, rows in cands.items()}
     return {s: pooled(v, sizes) for s, v in per_set.items()}, per_set, cands
 
@@ -212,12 +219,15 @@ def levers(profile: Profile, results: dict[Setting, Scores], per_set: dict[Setti
 
     rows = [("dense alone", None), ("bm25 alone", None), ("plain RRF (k 60, weight 1)", plain),
             ("before this tuning (k 60, bm25 weight 3)", previous),
-            ("fusion retuned (rrf_k, bm25_weight, depth)", best_of(
-                lambda s: s.heading_weight == 1 and not s.rewrite_weight)),
-            ("heading weight alone", best_of(lambda s: (s.rrf_k, s.bm25_weight, s.fusion_depth) == (
-                60, 1.0, plain.fusion_depth) and not s.rewrite_weight)),
-            ("query translation alone", best_of(lambda s: (s.rrf_k, s.bm25_weight, s.fusion_depth,
-                                                            s.heading_weight) == (60, 1.0, plain.fusion_depth, 1)
+            ("RRF retuned (rrf_k, bm25_weight, depth)", best_of(
+                lambda s: s.fusion == "rrf" and s.heading_weight == 1 and not s.rewrite_weight)),
+            ("relative-score fusion (bm25_weight, depth)", best_of(
+                lambda s: s.fusion != "rrf" and s.heading_weight == 1 and not s.rewrite_weight)),
+            ("heading weight alone", best_of(lambda s: (s.fusion, s.rrf_k, s.bm25_weight, s.fusion_depth) == (
+                "rrf", 60, 1.0, plain.fusion_depth) and not s.rewrite_weight)),
+            ("query translation alone", best_of(lambda s: (s.fusion, s.rrf_k, s.bm25_weight, s.fusion_depth,
+                                                            s.heading_weight) == ("rrf", 60, 1.0,
+                                                                                  plain.fusion_depth, 1)
                                                  and s.rewrite_weight)),
             ("chosen", best)]
     out = []
@@ -233,7 +243,7 @@ def levers(profile: Profile, results: dict[Setting, Scores], per_set: dict[Setti
             continue
         if s is None or s not in per_set:
             continue
-        entry = {"lever": label, "setting": f"k {s.rrf_k}, w {s.bm25_weight:g}, d {s.fusion_depth}, "
+        entry = {"lever": label, "setting": f"{s.fusion}, k {s.rrf_k}, w {s.bm25_weight:g}, d {s.fusion_depth}, "
                                             f"h {s.heading_weight}, t {s.rewrite_weight:g}"}
         for p, m in per_set[s].items():
             entry[p.stem.replace("xtuner_", "")] = _fmt(m)
@@ -276,13 +286,13 @@ def report(profile: Profile, question_sets: Sequence[Path], results: dict[Settin
            public: list[Candidates] | None, timing: str, top: int = 15) -> tuple[str, Setting]:
     r = profile.retrieval
     rewrite_default = r.rewrite_weight if r.rewrite != "none" else 0.0
-    current = Setting(r.rrf_k, r.bm25_weight, r.fusion_depth, r.heading_weight, rewrite_default)
+    current = Setting(r.rrf_k, r.bm25_weight, r.fusion_depth, r.heading_weight, rewrite_default, r.fusion)
     order = ranked(results, r.fusion_depth, rewrite_default)
     best = order[0]
     shown = order[:top] + [s for s in (current,) if s in results and s not in order[:top]]
     names = {p: p.stem.replace("xtuner_", "") for p in question_sets}
     table = pd.DataFrame([
-        {"rrf_k": s.rrf_k, "bm25_weight": f"{s.bm25_weight:g}", "depth": s.fusion_depth,
+        {"fusion": s.fusion, "rrf_k": s.rrf_k, "bm25_weight": f"{s.bm25_weight:g}", "depth": s.fusion_depth,
          "heading": s.heading_weight, "translation": f"{s.rewrite_weight:g}",
          "all dev (hit@1/3/5/MRR)": _fmt(results[s]), **{names[p]: _fmt(m) for p, m in per_set[s].items()},
          "": " ".join(x for x, on in (("chosen", s == best), ("profile", s == current)) if on)}

@@ -34,6 +34,7 @@ def test_overrides_are_typed():
     ({"store.collection": "x"}, "Chroma needs 3-512 chars"),
     ({"nosuch.key": "1"}, "unknown section 'nosuch'"),
     ({"embedder.dtype": "half"}, r"\[embedder\]\.dtype='half': expected one of auto, float32"),
+    ({"retrieval.fusion": "rank"}, r"\[retrieval\]\.fusion='rank': expected one of rrf, relative_score"),
     ({"retrieval.bm25_weight": "-1"}, r"\[retrieval\]\.bm25_weight=-1\.0: must be between 0\.0 and 100\.0"),
     ({"retrieval.bm25_weight": "nan"}, r"bm25_weight: expected a finite number, got 'nan'"),
     ({"llm.max_new_tokens": "-5"}, r"\[llm\]\.max_new_tokens=-5: must be between 1 and 32768"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.lexical import BM25Index, Tokenizer, reciprocal_rank_fusion, tokenize
+from jobs.lexical import BM25Index, Tokenizer, reciprocal_rank_fusion, relative_score_fusion, tokenize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,3 +174,22 @@ def test_rrf_weights_duplicates_and_empty_input() -> None:
     assert reciprocal_rank_fusion([]) == []
     with pytest.raises(ValueError):
         reciprocal_rank_fusion([["a"]], weights=[1.0, 2.0])
+
+
+# ---- relative-score fusion ----------------------------------------------------------------------
+
+def test_relative_score_fusion_scales_each_list_then_sums() -> None:
+    fused = relative_score_fusion([[("a", 0.9), ("b", 0.5), ("c", 0.1)], [("b", 10.0), ("d", 2.0)]])
+    assert dict(fused) == pytest.approx({"a": 1.0, "b": 0.5 + 1.0, "c": 0.0, "d": 0.0})
+    assert [d for d, _ in fused] == ["b", "a", "c", "d"]  # ties keep first-met order
+    weighted = dict(relative_score_fusion([[("a", 0.9), ("b", 0.5), ("c", 0.1)], [("b", 10.0), ("d", 2.0)]],
+                                          weights=[1.0, 0.25]))
+    assert weighted["b"] == pytest.approx(0.5 + 0.25) and weighted["a"] == pytest.approx(1.0)
+
+
+def test_relative_score_fusion_duplicates_flat_lists_and_empty_input() -> None:
+    assert dict(relative_score_fusion([[("a", 0.2), ("a", 0.8), ("b", 0.4)]])) == pytest.approx({"a": 1.0, "b": 0.0})
+    assert dict(relative_score_fusion([[("a", 3.0), ("b", 3.0)]])) == {"a": 1.0, "b": 1.0}  # nothing to scale
+    assert relative_score_fusion([[], []]) == [] and relative_score_fusion([]) == []
+    with pytest.raises(ValueError):
+        relative_score_fusion([[("a", 1.0)]], weights=[1.0, 2.0])

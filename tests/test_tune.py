@@ -33,6 +33,17 @@ def test_fusion_weight_decides_between_the_retrievers_firsts():
     assert [h.path for h in fuse(dense, lexical, 4, bm25_weight=3.0)][2:] == ["d", "c"]
 
 
+def test_score_fusion_keeps_a_clear_first_that_rank_fusion_outvotes():
+    # Dense is sure of a (0.90 against 0.10); BM25 barely prefers b (10.0 against 9.9). By rank, a heavier
+    # BM25 list puts b first; by score, BM25's near-tie adds almost as much to a as to b, and a stays first.
+    dense = [Hit(f"{p}#0", p, "", s, p) for p, s in (("a", 0.90), ("b", 0.10), ("c", 0.05))]
+    lexical = [Hit(f"{p}#0", p, "", s, p) for p, s in (("b", 10.0), ("a", 9.9), ("d", 0.0))]
+    assert [h.path for h in fuse(dense, lexical, 4, bm25_weight=3.0)][0] == "b"
+    fused = fuse(dense, lexical, 4, bm25_weight=3.0, method="relative_score")
+    assert [h.path for h in fused] == ["a", "b", "c", "d"]
+    assert fused[0].score == pytest.approx(1.0 + 3.0 * 0.99)  # the chunk's fused score is what it reports
+
+
 def test_choice_rule_prefers_plain_rrf_among_equals():
     best = {"hit_at_1": 1.0, "hit_at_3": 1.0, "hit_at_5": 1.0, "mrr": 1.0}
     worse = {**best, "mrr": 0.9}
@@ -47,6 +58,9 @@ def test_choice_rule_prefers_plain_rrf_among_equals():
     assert choose(results, 50) == Setting(60, 1.0, 50)
     results[Setting(60, 1.0, 50, rewrite_weight=0.5)] = {**best, "mrr": 1.01}
     assert choose(results, 50).rewrite_weight == 0.5
+    # Leaving RRF is the largest departure: among equals, the rank fusion stays.
+    results = {Setting(60, 1.0, 50, fusion="relative_score"): best, Setting(10, 8.0, 20): best}
+    assert choose(results, 50) == Setting(10, 8.0, 20)
 
 
 def test_sweep_scores_what_the_retriever_returns(mini_profile, minilm_embedder, tmp_path):
@@ -57,13 +71,14 @@ def test_sweep_scores_what_the_retriever_returns(mini_profile, minilm_embedder, 
         ingest(profile, embedder=minilm_embedder)
         results, per_set, cands = sweep(profile, [questions], minilm_embedder, rrf_ks=(10, 60), weights=(1.0, 3.0),
                                         depths=(20,), heading_weights=(1, 2))
-        assert len(results) == 8 and len(cands[questions]) == sum(
+        # 2 rrf_k x 2 weights x 2 heading weights by RRF; relative-score fusion ignores rrf_k: 4 more.
+        assert len(results) == 12 and len(cands[questions]) == sum(
             1 for q in load_questions(questions).questions if q.expected_sources)
         for setting, means in results.items():
             if setting.heading_weight != hw:
                 continue
             r = dataclasses.replace(profile.retrieval, rrf_k=setting.rrf_k, bm25_weight=setting.bm25_weight,
-                                    fusion_depth=setting.fusion_depth)
+                                    fusion_depth=setting.fusion_depth, fusion=setting.fusion)
             direct, _ = retrieval_scores(dataclasses.replace(profile, retrieval=r), questions, minilm_embedder,
                                          "hybrid")
             assert means == pytest.approx(direct)
