@@ -272,6 +272,14 @@ def index_chunks(ids: list[str], texts: list[str], metadatas: list[dict], headin
                                  for t, m in zip(texts, metadatas)])
 
 
+def _weights(weights: Sequence[float] | None, n: int) -> Sequence[float]:
+    if weights is None:
+        return [1.0] * n
+    if len(weights) != n:
+        raise ValueError(f"{len(weights)} weights for {n} lists")
+    return weights
+
+
 def reciprocal_rank_fusion(rankings: list[list[str]], k: int = 60,
                            weights: Sequence[float] | None = None) -> list[tuple[str, float]]:
     """Fuse rankings (ids, best first) by RRF: score(d) = sum_i w_i / (k + rank_i(d)), best first.
@@ -279,12 +287,8 @@ def reciprocal_rank_fusion(rankings: list[list[str]], k: int = 60,
     Ranks start at 1; an id repeated within one ranking counts at its best rank only. Ties keep the
     order in which ids were first met, so the result is reproducible.
     """
-    if weights is None:
-        weights = [1.0] * len(rankings)
-    if len(weights) != len(rankings):
-        raise ValueError(f"{len(weights)} weights for {len(rankings)} rankings")
     fused: dict[str, float] = {}
-    for weight, ranking in zip(weights, rankings):
+    for weight, ranking in zip(_weights(weights, len(rankings)), rankings):
         seen: set[str] = set()
         for rank, doc in enumerate(ranking, start=1):
             if doc in seen:
@@ -303,12 +307,8 @@ def relative_score_fusion(scored: list[list[tuple[str, float]]],
     near-tie, which rank alone cannot tell. An id repeated within a list counts at its best score; a list whose
     scores are all equal gives each 1. Ties keep first-met order.
     """
-    if weights is None:
-        weights = [1.0] * len(scored)
-    if len(weights) != len(scored):
-        raise ValueError(f"{len(weights)} weights for {len(scored)} lists")
     fused: dict[str, float] = {}
-    for weight, pairs in zip(weights, scored):
+    for weight, pairs in zip(_weights(weights, len(scored)), scored):
         best: dict[str, float] = {}
         for doc, score in pairs:
             best[doc] = max(score, best.get(doc, score))
