@@ -12,9 +12,9 @@ for its translation, where the profile rewrites queries); every fusion setting i
 grid of hundreds of settings costs seconds.
 
 The levers: the fusion (RRF by rank, or relative-score by scores), RRF's ``rrf_k``, the BM25 list's weight and
-the candidates' depth; ``heading_weight`` (BM25F by
-repetition of the heading path); and, for profiles whose chat model can translate, ``rewrite_weight`` (the
-question translated into the docs' other language, fused with the question; 0 = off).
+the candidates' depth; ``heading_weight`` (BM25F by repetition of the heading path); and, for profiles whose
+chat model can translate, ``rewrite_weight`` (the question translated into the docs' other language, fused
+with the question; 0 = off).
 
 The choice rule is fixed before any result is seen: highest MRR over all development questions together,
 then hit@1, then hit@5; remaining ties go to the setting closest to plain RRF (RRF itself, then rrf_k 60, then
@@ -37,7 +37,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from jobs import log as joblog
-from jobs.config import ROOT, Profile, load_profile, overrides_from_cli
+from jobs.config import FUSIONS, ROOT, Profile, load_profile, overrides_from_cli
 from jobs.embedding import Embedder, load_embedder
 from jobs.errors import JobError
 from jobs.files import atomic_write
@@ -52,7 +52,6 @@ log = logging.getLogger("jobs.tune")
 
 RRF_KS = (10, 30, 60)
 BM25_WEIGHTS = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
-FUSIONS = ("rrf", "relative_score")
 DEPTHS = (20, 50)
 HEADING_WEIGHTS = (1, 2, 3)
 REWRITE_WEIGHTS = (0.0, 0.25, 0.5, 1.0)
