@@ -79,19 +79,13 @@ def store_contents(profile, field: str) -> dict[str, object]:
 
 def retrieval_latency(profile, embedder, questions: Path) -> dict[str, tuple[float, float]]:
     """p50 and p95 seconds of one retrieval (embed + search, at the check depth) per mode."""
-    from jobs.retrieval import StoreRetriever
+    from jobs.retrieval import StoreRetriever, retrieval_seconds
 
     qs = load_questions(questions).questions
     out = {}
     for mode in RETRIEVAL_MODES:
         with StoreRetriever(profile, embedder, mode) as r:
-            r.retrieve(qs[0].question, profile.retrieval.check_depth)  # warm-up
-            seconds = []
-            for q in qs:
-                started = time.perf_counter()
-                r.retrieve(q.question, profile.retrieval.check_depth)
-                seconds.append(time.perf_counter() - started)
-        lat = pd.Series(seconds)
+            lat = pd.Series(retrieval_seconds(r, [q.question for q in qs], profile.retrieval.check_depth))
         out[mode] = (lat.quantile(0.5), lat.quantile(0.95))
     return out
 

@@ -28,7 +28,7 @@ from jobs.errors import JobError
 from jobs.lexical import index_chunks, lexical_spec
 from jobs.source import Checkout, fetch, load_manifest, source_from_override
 from jobs.stores import chroma
-from jobs.stores.chroma import StoredChunk, pages, read_chunks
+from jobs.stores.chroma import StoredChunk, chunk_texts, read_chunks
 
 log = logging.getLogger("jobs.ingest")
 
@@ -263,12 +263,7 @@ def _update(profile: Profile, writer: stores.Writer, checkout: Checkout, docs: l
         raise JobError(f"store check failed: {coll.count()} chunks stored, {plan.total} expected")
     # The lexical index is rebuilt from exactly the chunks now in the generation (ms for thousands), so it
     # can never drift from the vectors; it is published with them.
-    ids, texts_now, metas = [], [], []
-    for got in pages(coll, ["documents", "metadatas"]):
-        ids += list(got["ids"])
-        texts_now += list(got["documents"])
-        metas += list(got["metadatas"])
-    lexical = index_chunks(ids, texts_now, metas, profile.retrieval.heading_weight)
+    lexical = index_chunks(*chunk_texts(coll), profile.retrieval.heading_weight)
     info["lexical_docs"] = len(lexical)
     name = writer.publish(gen, info, lexical)
     summary.wrote = True

@@ -7,6 +7,8 @@ pages for English questions); fusing the two keeps what each finds. The mode and
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from llama_index.core import VectorStoreIndex
@@ -70,6 +72,18 @@ def fuse(dense: list[Hit], lexical: list[Hit], k: int, rrf_k: int = 60, bm25_wei
                 h = queue.pop(0)
                 out.append(Hit(h.chunk_id, h.path, h.heading, chunk_score[h.chunk_id], h.text))
     return out
+
+
+def retrieval_seconds(retriever: StoreRetriever, questions: Sequence[str], k: int) -> list[float]:
+    """Seconds of each question's retrieval (embed + search + fusion), after one warm-up retrieval that pays
+    for loading what the first query touches."""
+    retriever.retrieve(questions[0], k)
+    seconds = []
+    for q in questions:
+        started = time.perf_counter()
+        retriever.retrieve(q, k)
+        seconds.append(time.perf_counter() - started)
+    return seconds
 
 
 class StoreRetriever:

@@ -27,7 +27,6 @@ import argparse
 import itertools
 import logging
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -43,10 +42,10 @@ from jobs.errors import JobError
 from jobs.files import atomic_write
 from jobs.lexical import index_chunks
 from jobs.questions import Question, load_questions
-from jobs.retrieval import Hit, StoreRetriever, fuse
+from jobs.retrieval import Hit, StoreRetriever, fuse, retrieval_seconds
 from jobs.rewrite import QueryRewriter, load_rewriter
 from jobs.scoring.retrieval import file_ranking, format_line, scores
-from jobs.stores.chroma import pages
+from jobs.stores.chroma import chunk_texts
 
 log = logging.getLogger("jobs.tune")
 
@@ -132,11 +131,7 @@ def candidates(profile: Profile, question_sets: Sequence[Path], embedder: Embedd
     if rewriter is not None:
         rewriter.prepare([q.question for qs in sets.values() for q in qs])
     with StoreRetriever(profile, embedder, "hybrid") as retriever:
-        ids, texts, metas = [], [], []
-        for got in pages(retriever.collection, ["documents", "metadatas"]):
-            ids += got["ids"]
-            texts += got["documents"]
-            metas += got["metadatas"]
+        ids, texts, metas = chunk_texts(retriever.collection)
         by_id = {i: Hit(i, str(m.get("path", "")), str(m.get("heading", "")), 0.0, t)
                  for i, t, m in zip(ids, texts, metas)}
         # The store's own index for the profile's heading weight (what the retriever searches), built here
@@ -258,14 +253,9 @@ def latency(profile: Profile, embedder: Embedder, questions: list[Question],
     and what the rewriting's model call costs per question."""
     lines = []
     for rw in (None, rewriter) if rewriter is not None else (None,):
-        seconds = []
         with StoreRetriever(profile, embedder, None, rw) as r:
-            r.retrieve(questions[0].question, profile.retrieval.check_depth)  # warm-up
-            for q in questions:
-                started = time.perf_counter()
-                r.retrieve(q.question, profile.retrieval.check_depth)
-                seconds.append(time.perf_counter() - started)
-        lat = pd.Series(seconds) * 1000
+            lat = pd.Series(retrieval_seconds(r, [q.question for q in questions], profile.retrieval.check_depth))
+        lat *= 1000
         what = "with the cached translation" if rw is not None else "without rewriting"
         lines.append(f"retrieval {what}: p50 {lat.quantile(0.5):.0f} ms, p95 {lat.quantile(0.95):.0f} ms")
     if rewriter is not None:

@@ -62,6 +62,18 @@ def pages(collection: chromadb.Collection, include: list[str], page: int = PAGE)
         offset += page
 
 
+def chunk_texts(collection: chromadb.Collection) -> tuple[list[str], list[str], list[dict]]:
+    """Every chunk's id, text and metadata, in store order (what a lexical index is built from)."""
+    ids: list[str] = []
+    texts: list[str] = []
+    metas: list[dict] = []
+    for got in pages(collection, ["documents", "metadatas"]):
+        ids += list(got["ids"])
+        texts += list(got["documents"])
+        metas += list(got["metadatas"])
+    return ids, texts, metas
+
+
 def read_chunks(collection: chromadb.Collection) -> dict[str, StoredChunk]:
     out: dict[str, StoredChunk] = {}
     for got in pages(collection, ["metadatas"]):

@@ -53,6 +53,7 @@ from jobs.stores.chroma import (
     DamagedStore,
     build_metadata,
     check_collection,
+    chunk_texts,
     client_settings,
     get_collection,
     pages,
@@ -229,15 +230,10 @@ def lexical_index(profile: Profile, generation: str, collection: chromadb.Collec
         except ValueError as exc:
             log.warning("rebuilding the cached lexical index of %s: %s", generation, exc)
     started = time.perf_counter()
-    ids, texts, metas = [], [], []
-    for got in pages(collection, ["documents", "metadatas"]):
-        ids += list(got["ids"])
-        texts += list(got["documents"])
-        metas += list(got["metadatas"])
     # Built as the generation's own record says (the ingest that published it used the same setting).
-    index = index_chunks(ids, texts, metas, int(read_build_info(collection).get("heading_weight", 1)))
+    index = index_chunks(*chunk_texts(collection), int(read_build_info(collection).get("heading_weight", 1)))
     cache_lexical(profile, generation, index, publish_folder)
-    log.info("built the lexical index of %s from %d documents in %.1fs (cached in %s)", generation, len(ids),
+    log.info("built the lexical index of %s from %d documents in %.1fs (cached in %s)", generation, len(index),
              time.perf_counter() - started, folder)
     return index
 
