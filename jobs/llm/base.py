@@ -4,9 +4,16 @@ determines an answer (for the cache) and what answered (for the report)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
+
+# Chat-control tokens as chat models spell them: ChatML and its kin (`<|im_start|>`, `<|im_end|>`,
+# `<|endoftext|>`, Llama 3's `<|eot_id|>`), and SentencePiece's `<s>` / `</s>`.
+CONTROL_TOKENS = re.compile(r"<\|[^<>|\s]{1,64}\|>|</?s>")
+# Invisible, and no tokenizer's special-token matcher sees through it.
+_BREAK = "\u200b"
 
 
 @dataclass(frozen=True)
@@ -23,6 +30,21 @@ class Completion:
 OnResult = Callable[[int, Completion], None]
 
 
+def defuse_control_tokens(text: str, specials: Iterable[str] = ()) -> str:
+    """``text`` with every chat-control token in it broken by an invisible character.
+
+    Tokenizers read special-token strings in a prompt as the control tokens themselves, and servers encode
+    the templated chat the same way. XTuner's chat-template pages quote `<|im_start|>user ... <|im_end|>`: put
+    into a prompt as they are, they end the user turn early and make up an assistant turn that "already
+    answered" (Qwen2.5 answered "xtuner是什么?" with one word after reading such a passage). Retrieved text and
+    questions are content, never control: the model's own special tokens (``specials``) and the usual
+    spellings above are each broken after their first character, so they reach the model as plain text.
+    """
+    names = sorted({s for s in specials if s and len(s) > 1}, key=len, reverse=True)
+    pattern = re.compile("|".join([*map(re.escape, names), CONTROL_TOKENS.pattern])) if names else CONTROL_TOKENS
+    return pattern.sub(lambda m: m.group(0)[0] + _BREAK + m.group(0)[1:], text)
+
+
 class ServerLost(Exception):
     """The model server stopped answering mid-run: the answers so far are kept; the run can be resumed."""
 
@@ -32,7 +54,8 @@ class ChatModel(Protocol):
 
     def render(self, user: str) -> str:
         """The prompt for one user turn, the profile's system message included: the same for both modes
-        but for the user message, so the bare/RAG comparison is fair."""
+        but for the user message, so the bare/RAG comparison is fair. Chat-control tokens inside the user
+        message are defused (``defuse_control_tokens``): they are content, not structure."""
         ...
 
     def generate(self, prompts: list[str], on_result: OnResult | None = None) -> list[Completion]:

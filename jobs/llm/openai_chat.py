@@ -23,7 +23,7 @@ import httpx
 
 from jobs.config import LLMConfig, Profile
 from jobs.errors import JobError
-from jobs.llm.base import Completion, OnResult, ServerLost
+from jobs.llm.base import Completion, OnResult, ServerLost, defuse_control_tokens
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class ServedLLM:
 
     def render(self, user: str) -> str:
         messages = ([{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []) + [
-            {"role": "user", "content": user}]
+            {"role": "user", "content": defuse_control_tokens(user)}]
         return json.dumps(messages, ensure_ascii=False)
 
     @property
