@@ -36,9 +36,10 @@ def defuse_control_tokens(text: str, specials: Iterable[str] = ()) -> str:
     Tokenizers read special-token strings in a prompt as the control tokens themselves, and servers encode
     the templated chat the same way. XTuner's chat-template pages quote `<|im_start|>user ... <|im_end|>`: put
     into a prompt as they are, they end the user turn early and make up an assistant turn that "already
-    answered" (Qwen2.5 answered "xtuner是什么?" with one word after reading such a passage). Retrieved text and
-    questions are content, never control: the model's own special tokens (``specials``) and the usual
-    spellings above are each broken after their first character, so they reach the model as plain text.
+    answered" (the public questions "你是谁" and "xtuner是什么?" retrieve a passage quoting a whole
+    "你是谁？ / 我是书生浦语。" exchange). Retrieved text and questions are content, never control: the model's
+    own special tokens (``specials``) and the usual spellings above are each broken after their first
+    character, so they reach the model as plain text.
     """
     names = sorted({s for s in specials if s and len(s) > 1}, key=len, reverse=True)
     pattern = re.compile("|".join([*map(re.escape, names), CONTROL_TOKENS.pattern])) if names else CONTROL_TOKENS
