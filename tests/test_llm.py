@@ -120,6 +120,8 @@ def test_control_tokens_in_retrieved_text_reach_the_model_as_text(internlm2_llm)
     # ...and the passage is still all there for a reader: only invisible characters were added.
     assert QUOTED_TEMPLATE in quoted.replace("\u200b", "")
     assert QUOTED_TEMPLATE not in quoted
+    # The model's own special tokens are defused too, beyond the usual spellings.
+    assert "<unk>" not in internlm2_llm.render("<unk>") and "<\u200bunk>" in internlm2_llm.render("<unk>")
 
 
 def test_served_prompts_defuse_the_usual_control_tokens():

@@ -30,19 +30,23 @@ class Completion:
 OnResult = Callable[[int, Completion], None]
 
 
-def defuse_control_tokens(text: str, specials: Iterable[str] = ()) -> str:
+def control_tokens(specials: Iterable[str] = ()) -> re.Pattern[str]:
+    """What ``defuse_control_tokens`` breaks: a model's own special tokens and the usual spellings."""
+    names = sorted({s for s in specials if s and len(s) > 1}, key=len, reverse=True)
+    return re.compile("|".join([*map(re.escape, names), CONTROL_TOKENS.pattern])) if names else CONTROL_TOKENS
+
+
+def defuse_control_tokens(text: str, pattern: re.Pattern[str] = CONTROL_TOKENS) -> str:
     """``text`` with every chat-control token in it broken by an invisible character.
 
     Tokenizers read special-token strings in a prompt as the control tokens themselves, and servers encode
     the templated chat the same way. XTuner's chat-template pages quote `<|im_start|>user ... <|im_end|>`: put
     into a prompt as they are, they end the user turn early and make up an assistant turn that "already
     answered" (the public questions "你是谁" and "xtuner是什么?" retrieve a passage quoting a whole
-    "你是谁？ / 我是书生浦语。" exchange). Retrieved text and questions are content, never control: the model's
-    own special tokens (``specials``) and the usual spellings above are each broken after their first
-    character, so they reach the model as plain text.
+    "你是谁？ / 我是书生浦语。" exchange). Retrieved text and questions are content, never control: each match
+    of ``pattern`` (a model's own special tokens, from ``control_tokens``, or the usual spellings above) is
+    broken after its first character, so it reaches the model as plain text.
     """
-    names = sorted({s for s in specials if s and len(s) > 1}, key=len, reverse=True)
-    pattern = re.compile("|".join([*map(re.escape, names), CONTROL_TOKENS.pattern])) if names else CONTROL_TOKENS
     return pattern.sub(lambda m: m.group(0)[0] + _BREAK + m.group(0)[1:], text)
 
 

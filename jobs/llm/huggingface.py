@@ -21,7 +21,7 @@ from jobs.cache import folder_fingerprint
 from jobs.config import LLMConfig, Profile
 from jobs.device import pick_device, pick_dtype
 from jobs.errors import JobError
-from jobs.llm.base import Completion, OnResult, defuse_control_tokens
+from jobs.llm.base import Completion, OnResult, control_tokens, defuse_control_tokens
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,10 @@ class ChatLLM:
         self.location = location or name
         self.device = device
         self.tokenizer = tokenizer
-        self.specials = sorted({*tokenizer.all_special_tokens,
-                                *(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)})
+        # Built once: every prompt is defused against it.
+        self.control_tokens = control_tokens([*tokenizer.all_special_tokens,
+                                              *(t.content for t in tokenizer.added_tokens_decoder.values()
+                                                if t.special)])
         self.model = model
         stop_ids = list(cfg.stop_ids) or [tokenizer.eos_token_id]
         self.stop_ids = [int(i) for i in stop_ids if i is not None]
@@ -87,7 +89,7 @@ class ChatLLM:
         )
 
     def render(self, user: str) -> str:
-        return render_chat(self.tokenizer, self.cfg.system_prompt, defuse_control_tokens(user, self.specials),
+        return render_chat(self.tokenizer, self.cfg.system_prompt, defuse_control_tokens(user, self.control_tokens),
                            strip_bos=self.cfg.strip_bos_from_template)
 
     def complete(self, user: str) -> Completion:
