@@ -39,7 +39,7 @@ from jobs.report import summary_table, write_report
 from jobs.results import RunDir, point_latest
 from jobs.retrieval import StoreRetriever
 from jobs.rewrite import load_rewriter
-from jobs.scoring import attribution
+from jobs.scoring import attribution, copying
 from jobs.scoring import keywords as kw
 from jobs.scoring.retrieval import file_ranking, scores
 from jobs.scoring.summary import MODES, metric, summarise_run
@@ -169,7 +169,8 @@ def headline(summary: dict) -> str:
         return "–" if v is None else f"{v:.2f}"
 
     return (f"keyword hit bare {f('bare.keyword_hit_rate')} → RAG {f('rag.keyword_hit_rate')} "
-            f"(gain {f('gain.keyword_hit_rate')}); hit@5 {f('rag.hit_at_5')}, MRR {f('rag.mrr')}; "
+            f"(gain {f('gain.keyword_hit_rate')}; {f('rag.strict_keyword_hit_rate')} not crediting passage dumps, "
+            f"{f('rag.passage_dump')} of RAG answers); hit@5 {f('rag.hit_at_5')}, MRR {f('rag.mrr')}; "
             f"abstention on negatives bare {f('bare.abstention')} / RAG {f('rag.abstention')}")
 
 
@@ -245,8 +246,8 @@ def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = 
                                    "start the server again and `--resume` continues the run",
                                    exit_code=EXIT_STOPPED) from None
         wall = time.perf_counter() - started
-        df = attribution.annotate(results_frame([done[(q.id, m)] for q in selected for m in MODES],
-                                                [q.id for q in selected]))
+        df = copying.annotate(attribution.annotate(results_frame([done[(q.id, m)] for q in selected for m in MODES],
+                                                                 [q.id for q in selected])))
         summary = summarise_run(df)
         save_corpus_files(run.path, retriever.build_info.get("corpus_commit", ""), retriever.file_hashes())
         header = {

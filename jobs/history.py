@@ -20,24 +20,37 @@ from jobs.drift import DocsChange, docs_change
 from jobs.errors import JobError
 from jobs.files import atomic_write
 from jobs.results import RUN_INFO, SUMMARY, RunDir, format_sources
+from jobs.scoring import copying
 from jobs.scoring import statistics as stats
-from jobs.scoring.summary import METRICS, OVERALL, metric
+from jobs.scoring.summary import LOWER_BETTER, METRICS, OVERALL, metric
 
 HISTORY = "history.csv"
 # (column, metric key) of the headline numbers kept per run.
 HEADLINE = (
     ("bare_keyword_hit", "bare.keyword_hit_rate"),
     ("rag_keyword_hit", "rag.keyword_hit_rate"),
+    ("rag_strict_keyword_hit", "rag.strict_keyword_hit_rate"),
+    ("rag_passage_dumps", "rag.passage_dump"),
     ("rag_gain", "gain.keyword_hit_rate"),
     ("rag_all_keywords", "rag.all_keywords_hit"),
     ("rag_hit_at_5", "rag.hit_at_5"),
     ("rag_mrr", "rag.mrr"),
     ("rag_abstention", "rag.abstention"),
 )
-DELTA_METRICS = ("keyword_hit_rate", "passed", "abstention", "hit_at_1", "hit_at_5", "mrr")
+DELTA_METRICS = ("keyword_hit_rate", "strict_keyword_hit_rate", "passage_dump", "passed", "abstention", "hit_at_1",
+                 "hit_at_5", "mrr")
 # Settings whose change explains a change in results; named in the report when they differ.
 COMPARED = ("profile", "llm", "llm_revision", "llm_dtype", "llm_device", "embedder", "retrieval", "corpus_commit",
             "prompt_version", "max_new_tokens", "store")
+# Profile settings (run.json) the header above already names, or that change neither an answer nor a
+# score (speed, paths, timeouts; serve.* is how a local model server runs, its model named by llm); every
+# other setting that differs is named too: a changed system prompt or abstention phrase moves results as
+# surely as a changed model.
+NOT_COMPARED = ("profile", "llm.model", "llm.revision", "llm.dtype", "llm.device", "llm.max_new_tokens", "llm.seed",
+                "llm.stop_ids", "llm.batch_size", "llm.max_batch_tokens", "llm.concurrency", "llm.timeout_s",
+                "llm.max_retries", "embedder.model", "embedder.batch_size", "embedder.device", "eval.reports_dir",
+                "eval.questions", "paths.cache", "store.path", "store.url", "store.lease_s", "store.auth_token_env",
+                "llm.api_key_env")
 
 
 def append_history(reports_dir: Path, run: RunDir, header: dict, summary: dict) -> pd.DataFrame:
@@ -124,9 +137,11 @@ class Comparison:
         return pd.DataFrame(list(rows.values()))
 
     def regression(self) -> tuple[bool, str]:
-        """Whether the night is a real regression: a headline number dropped significantly."""
+        """Whether the night is a real regression: a headline number got significantly worse (dropped, or
+        for passage dumps, rose)."""
         drops = [c for mode, metric in VERDICT_METRICS
-                 if (c := stats.find(self.changes, metric, mode)) is not None and c.delta < 0 and c.significant]
+                 if (c := stats.find(self.changes, metric, mode)) is not None and c.significant
+                 and (c.delta > 0 if metric in LOWER_BETTER else c.delta < 0)]
         if drops:
             return True, "real regression: " + "; ".join(f"{c.mode} {c.metric} {c.describe()}" for c in drops)
         n = int(self.now[self.now["mode"] == "rag"]["id"].nunique())
@@ -139,16 +154,22 @@ class Comparison:
 
 
 # Headline numbers whose significant drop makes a night a real regression.
-VERDICT_METRICS = (("rag", "keyword_hit_rate"), ("rag", "passed"), ("gain", "keyword_hit_rate"),
-                   ("rag", "abstention"), ("rag", "hit_at_5"), ("rag", "mrr"))
+VERDICT_METRICS = (("rag", "keyword_hit_rate"), ("rag", "strict_keyword_hit_rate"), ("rag", "passage_dump"),
+                   ("rag", "passed"), ("gain", "keyword_hit_rate"), ("rag", "abstention"), ("rag", "hit_at_5"),
+                   ("rag", "mrr"))
 
 
 def compare(header: dict, df: pd.DataFrame, current: RunDir, baseline: RunDir) -> Comparison:
     base_summary = json.loads((baseline.path / SUMMARY).read_text(encoding="utf-8"))
     base_header = base_summary.get("run", {})
-    base_df = pd.read_json(baseline.path / "results.jsonl", lines=True, dtype=False)
+    # Scored again from its answers: a baseline from before a score existed is compared on it all the same.
+    base_df = copying.annotate(pd.read_json(baseline.path / "results.jsonl", lines=True, dtype=False))
     differences = [f"{k}: {base_header.get(k)!s} → {header.get(k)!s}" for k in COMPARED
                    if str(base_header.get(k)) != str(header.get(k))]
+    now_config, then_config = current.info().get("config", {}), baseline.info().get("config", {})
+    differences += [f"{k}: {then_config[k]!r} → {now_config[k]!r}" for k in now_config
+                    if k in then_config and k not in NOT_COMPARED and not k.startswith("serve.")
+                    and now_config[k] != then_config[k]]
     changes = stats.between_runs(df, base_df, DELTA_METRICS)
 
     before = base_df.set_index(["id", "mode"])

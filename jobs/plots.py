@@ -65,7 +65,9 @@ def category_bars(summary: dict, path: Path) -> Path:
 
 def trend(history: pd.DataFrame, path: Path) -> Path:
     """Headline metrics across runs; a single run still draws as labelled points."""
-    series = [("rag_keyword_hit", "RAG keyword hit", RAG, "-"), ("bare_keyword_hit", "bare keyword hit", BARE, "-"),
+    series = [("rag_keyword_hit", "RAG keyword hit", RAG, "-"),
+              ("rag_strict_keyword_hit", "RAG keyword hit, dumps not credited", RAG, ":"),
+              ("bare_keyword_hit", "bare keyword hit", BARE, "-"),
               ("rag_hit_at_5", "RAG hit@5", "#2ca02c", "--"), ("rag_mrr", "RAG MRR", "#ff7f0e", "--")]
     runs = history["run"].astype(str).tolist()
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(runs) + 4), 3.6))

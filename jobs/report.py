@@ -1,5 +1,6 @@
 """The markdown report, built from pandas DataFrames: header, summary with intervals, why RAG answers
-failed, what changed since the last run (and what a docs update did), latency, then every question.
+failed, which copied their passages, what changed since the last run (and what a docs update did),
+latency, then every question.
 
 Every cell goes through ``escape_cell`` so that pipes, newlines, HTML and code fences in model
 answers cannot break a table.
@@ -17,7 +18,7 @@ from jobs.drift import DocsChange
 from jobs.files import atomic_write
 from jobs.history import HISTORY, Comparison, compare, find_baseline
 from jobs.results import SUMMARY, RunDir, format_sources
-from jobs.scoring import attribution
+from jobs.scoring import attribution, copying
 from jobs.scoring import statistics as stats
 from jobs.scoring.summary import MODES, OVERALL
 
@@ -74,6 +75,8 @@ def summary_table(summary: dict) -> pd.DataFrame:
             "keyword hit (bare)": cell("bare", "keyword_hit_rate", bare),
             "keyword hit (RAG)": cell("rag", "keyword_hit_rate", rag),
             "gain": _with_ci(gain, ci.get("gain", {}).get("keyword_hit_rate"), signed=True),
+            "keyword hit, dumps not credited (RAG)": cell("rag", "strict_keyword_hit_rate", rag),
+            "passage dumps (RAG)": cell("rag", "passage_dump", rag),
             "all keywords (bare)": cell("bare", "all_keywords_hit", bare),
             "all keywords (RAG)": cell("rag", "all_keywords_hit", rag),
             "abstained (bare)": cell("bare", "abstention", bare),
@@ -87,6 +90,7 @@ def summary_table(summary: dict) -> pd.DataFrame:
 
 
 _METRIC_NAMES = {"keyword_hit_rate": "keyword hit rate", "passed": "pass rate", "abstention": "abstention",
+                 "strict_keyword_hit_rate": "keyword hit, dumps not credited", "passage_dump": "passage dumps",
                  "hit_at_1": "hit@1", "hit_at_3": "hit@3", "hit_at_5": "hit@5", "mrr": "MRR",
                  "all_keywords_hit": "all keywords"}
 
@@ -135,6 +139,26 @@ def stages_section(df: pd.DataFrame) -> list[str]:
     return lines
 
 
+def dumps_section(df: pd.DataFrame) -> list[str]:
+    if "passage_dump" not in df:
+        return []
+    judged = df[(df["mode"] == "rag") & df["passage_dump"].notna()]
+    if judged.empty:
+        return []
+    dumps = copying.dumped(df)
+    lines = [f"## Answers that copy their passages ({len(dumps)} of {len(judged)} RAG answers)", "",
+             "A passage dump reproduces the numbered passages of its prompt from a marker on (`[n] (path)`, or "
+             f"`[n]` and at least {copying.MIN_COPY} characters of the context word for word) instead of answering. "
+             "The keyword hit credits a dump for whatever the copied passage holds; *keyword hit, dumps not "
+             "credited* scores each answer only up to where its copying starts. A change that raises the keyword "
+             "hit but not this one won by copying.", ""]
+    if len(dumps):
+        shown = dumps.assign(**{c: dumps[c].map(_fmt) for c in ("keyword_hit_rate", "strict_keyword_hit_rate")})
+        lines += [_table(shown.rename(columns={"keyword_hit_rate": "keyword hit",
+                                               "strict_keyword_hit_rate": "not crediting the copy"})), ""]
+    return lines
+
+
 def latency_table(df: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for mode in MODES:
@@ -170,7 +194,9 @@ def _outcome(row: pd.Series) -> str:
         return "abstained" if row["abstained"] else "answered"
     if pd.isna(row["keyword_hit_rate"]):
         return ""
-    return f"{row['keyword_hit_rate']:.2f}" + (" ✓" if row["all_keywords_hit"] else "")
+    dump = row.get("passage_dump") is True
+    return f"{row['keyword_hit_rate']:.2f}" + (" ✓" if row["all_keywords_hit"] else "") + (
+        f" (passage dump: {row['strict_keyword_hit_rate']:.2f} not crediting the copy)" if dump else "")
 
 
 def _failed(row: pd.Series) -> bool:
@@ -286,7 +312,8 @@ def render(run_info: dict, header: dict, summary: dict, df: pd.DataFrame, compar
         "",
         "How much retrieval improves the model's answers about the XTuner docs. Keyword hit = share of a "
         "question's expected keywords found in the answer (NFKC, case-folded); negatives are scored on "
-        "abstention; retrieval hit@k/MRR are file-level against the expected sources.",
+        "abstention; retrieval hit@k/MRR are file-level against the expected sources. A passage dump is a RAG "
+        "answer that copies its prompt's numbered passages instead of answering.",
         "",
         "## Run",
         _table(header_table(header)),
@@ -301,6 +328,7 @@ def render(run_info: dict, header: dict, summary: dict, df: pd.DataFrame, compar
         "",
         *rag_vs_bare_section(summary, len(stats.per_question(df, "rag", "passed"))),
         *stages_section(df),
+        *dumps_section(df),
         *since,
         *plots[1:],
         "",
@@ -333,14 +361,13 @@ def rereport(run_path: Path, baseline: str | None = None) -> Path:
     """Rebuild a finished run's report from its own results.jsonl (and its baseline's): new statistics,
     failure stages and docs-change sections apply to old runs too. Answers are not touched."""
     from jobs.errors import JobError
-    from jobs.scoring.attribution import annotate
     from jobs.scoring.summary import summarise_run
 
     run = RunDir(run_path)
     if not (run.path / SUMMARY).is_file():
         raise JobError(f"{run.path}: not a finished run (no {SUMMARY})")
     header = json.loads((run.path / SUMMARY).read_text(encoding="utf-8"))["run"]
-    df = annotate(pd.read_json(run.path / "results.jsonl", lines=True, dtype=False))
+    df = copying.annotate(attribution.annotate(pd.read_json(run.path / "results.jsonl", lines=True, dtype=False)))
     summary = summarise_run(df)
     base = find_baseline(run.path.parent, run, baseline)
     comparison = compare(header, df, run, base) if base else None

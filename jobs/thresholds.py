@@ -11,7 +11,9 @@ metrics, Wilcoxon signed-rank for rates; see jobs.scoring.statistics). A drop be
 noise is reported, not failed. ``rawchange.`` fails on the number alone. Without a baseline run both are
 skipped. A threshold on a number the question set cannot produce (abstention without negative
 questions, hit@k without expected sources, retrieval for bare) is refused up front rather than failing
-every night for the wrong reason.
+every night for the wrong reason. ``strict_keyword_hit_rate`` is the keyword hit that does not credit
+copied passages (jobs.scoring.copying). The share of passage dumps is better lower and refused here: a
+significant rise in it already makes the night a regression in the report's verdict.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from jobs.errors import JobError
 from jobs.questions import NEGATIVE, QuestionSet
-from jobs.scoring.summary import METRICS, metric
+from jobs.scoring.summary import LOWER_BETTER, METRICS, metric
 
 if TYPE_CHECKING:
     from jobs.history import Comparison
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
 MODES = ("bare", "rag", "gain")
 CHANGE_FORMS = ("change.", "rawchange.")
 RETRIEVAL_METRICS = ("hit_at_1", "hit_at_3", "hit_at_5", "mrr", "retrieve_s")
-KEYWORD_METRICS = ("keyword_hit_rate", "all_keywords_hit")
+KEYWORD_METRICS = ("keyword_hit_rate", "strict_keyword_hit_rate", "all_keywords_hit")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,10 @@ class Threshold:
         if not math.isfinite(minimum):
             raise JobError(f"--fail-under {text!r}: the threshold must be a finite number, got {value.strip()!r}")
         mode, name = parts
+        if name in LOWER_BETTER:
+            raise JobError(f"--fail-under {text!r}: {name} is better when lower, so a minimum cannot guard it; "
+                           f"bound the keyword hit that does not credit copied passages instead: "
+                           f"{form}{mode}.strict_keyword_hit_rate=...")
         if mode in ("bare", "gain") and name in RETRIEVAL_METRICS:
             raise JobError(f"--fail-under {text!r}: {name} is measured on RAG answers only (bare answers retrieve "
                            f"nothing): use rag.{name}")

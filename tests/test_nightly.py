@@ -137,3 +137,8 @@ def test_baseline_prefers_the_same_profile_and_names_differences(profile_path, t
     assert cross.baseline == first.run_id and "profile: test → other" in cross.differences
     third, _, _, again = ev.evaluate(mine)
     assert again.baseline == first.run_id and again.differences == []  # last run of *this* profile
+    # A setting outside the header (the system prompt) moves answers too: it is named, with both values.
+    _, _, _, prompted = ev.evaluate(load_profile(str(profile_path), {"llm.system_prompt": "Answer briefly."}))
+    assert prompted.baseline == third.run_id
+    assert [d for d in prompted.differences if d.startswith("llm.")] == [
+        f"llm.system_prompt: {mine.llm.system_prompt!r} → 'Answer briefly.'"]

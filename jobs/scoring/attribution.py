@@ -36,7 +36,8 @@ FIX = {RETRIEVAL: "retrieval (the right page is not found)",
 LOW_SUPPORT = 0.5
 
 
-def _split(value: object) -> list[str]:
+def listed(value: object) -> list[str]:
+    """A `|`-separated field of a result row (keywords, sources) as a list; empty for a missing value."""
     return [] if value is None or (isinstance(value, float) and pd.isna(value)) else \
         [v for v in str(value).split("|") if v]
 
@@ -52,7 +53,7 @@ def context_chunks(row: pd.Series) -> list[dict]:
 def label(row: pd.Series) -> str | None:
     """The stage that failed for one RAG answer, or None where it cannot be judged (no keywords, or a
     run from before contexts were kept)."""
-    keywords = _split(row.get("expected_keywords"))
+    keywords = listed(row.get("expected_keywords"))
     if row.get("mode") != "rag" or not keywords:
         return None
     if isinstance(row.get("error"), str) and row["error"]:
@@ -61,7 +62,7 @@ def label(row: pd.Series) -> str | None:
     if all(answer_hits):
         return PASS
     chunks = context_chunks(row)
-    sources = set(_split(row.get("expected_sources")))
+    sources = set(listed(row.get("expected_sources")))
     if sources and not any(c.get("path") in sources for c in chunks):
         return RETRIEVAL
     if not chunks or any("text" not in c for c in chunks):

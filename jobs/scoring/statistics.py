@@ -33,9 +33,9 @@ CONFIDENCE = 0.95
 RESAMPLES = 10_000
 SEED = 0
 # Metrics whose per-question value is 0 or 1; the others are rates in [0, 1].
-BINARY = ("passed", "all_keywords_hit", "abstention", "hit_at_1", "hit_at_3", "hit_at_5")
-RATES = ("keyword_hit_rate", "mrr")
-RAG_ONLY = ("hit_at_1", "hit_at_3", "hit_at_5", "mrr")
+BINARY = ("passed", "all_keywords_hit", "abstention", "passage_dump", "hit_at_1", "hit_at_3", "hit_at_5")
+RATES = ("keyword_hit_rate", "strict_keyword_hit_rate", "mrr")
+RAG_ONLY = ("passage_dump", "hit_at_1", "hit_at_3", "hit_at_5", "mrr")
 
 
 def passed(row: pd.Series) -> bool:
@@ -183,7 +183,8 @@ def mode_values(df: pd.DataFrame, mode: str, metric: str) -> pd.Series:
     return rag - bare
 
 
-HEADLINE = ("keyword_hit_rate", "all_keywords_hit", "passed", "abstention", "hit_at_1", "hit_at_3", "hit_at_5", "mrr")
+HEADLINE = ("keyword_hit_rate", "strict_keyword_hit_rate", "passage_dump", "all_keywords_hit", "passed", "abstention",
+            "hit_at_1", "hit_at_3", "hit_at_5", "mrr")
 
 
 def intervals(df: pd.DataFrame) -> dict:
@@ -208,7 +209,7 @@ def rag_vs_bare(df: pd.DataFrame) -> list[Change]:
     """RAG against bare on the same questions, per category and overall."""
     changes = []
     for name, group in _groups(df):
-        for metric in ("keyword_hit_rate", "passed", "abstention"):
+        for metric in ("keyword_hit_rate", "strict_keyword_hit_rate", "passed", "abstention"):
             rag, bare = gain_per_question(group, metric)
             change = compare(rag, bare, group=name, metric=metric, mode="gain")
             if change is not None:
@@ -217,7 +218,8 @@ def rag_vs_bare(df: pd.DataFrame) -> list[Change]:
 
 
 def between_runs(now: pd.DataFrame, then: pd.DataFrame,
-                 metrics: tuple[str, ...] = ("keyword_hit_rate", "passed", "abstention", "hit_at_5", "mrr")
+                 metrics: tuple[str, ...] = ("keyword_hit_rate", "strict_keyword_hit_rate", "passage_dump", "passed",
+                                             "abstention", "hit_at_5", "mrr")
                  ) -> list[Change]:
     """Tonight against the baseline run, paired by question id, per mode (and gain), overall and per category."""
     changes = []

@@ -7,8 +7,10 @@ import math
 import pandas as pd
 
 MODES = ("bare", "rag")
-METRICS = ("keyword_hit_rate", "all_keywords_hit", "abstention", "hit_at_1", "hit_at_3", "hit_at_5", "mrr",
-           "generate_s", "retrieve_s", "answer_tokens")
+METRICS = ("keyword_hit_rate", "strict_keyword_hit_rate", "passage_dump", "all_keywords_hit", "abstention",
+           "hit_at_1", "hit_at_3", "hit_at_5", "mrr", "generate_s", "retrieve_s", "answer_tokens")
+# Better when lower: a threshold or a verdict reads these the other way round.
+LOWER_BETTER = ("passage_dump",)
 OVERALL = "overall"
 
 
@@ -22,6 +24,8 @@ def _aggregate(rows: pd.DataFrame) -> dict[str, float | int | None]:
     return {
         "n": int(rows["id"].nunique()),
         "keyword_hit_rate": _mean(rows["keyword_hit_rate"]),
+        # From jobs.scoring.copying.annotate; absent from frames it did not annotate.
+        **{m: _mean(rows[m]) if m in rows else None for m in ("strict_keyword_hit_rate", "passage_dump")},
         "all_keywords_hit": _mean(rows["all_keywords_hit"]),
         "abstention": _mean(negatives["abstained"]) if len(negatives) else None,
         **{m: _mean(rows[m]) for m in ("hit_at_1", "hit_at_3", "hit_at_5", "mrr")},
