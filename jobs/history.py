@@ -46,11 +46,10 @@ COMPARED = ("profile", "llm", "llm_revision", "llm_dtype", "llm_device", "embedd
 # score (speed, paths, timeouts; serve.* is how a local model server runs, its model named by llm); every
 # other setting that differs is named too: a changed system prompt or abstention phrase moves results as
 # surely as a changed model.
-NOT_COMPARED = ("profile", "llm.model", "llm.revision", "llm.dtype", "llm.device", "llm.max_new_tokens", "llm.seed",
-                "llm.stop_ids", "llm.batch_size", "llm.max_batch_tokens", "llm.concurrency", "llm.timeout_s",
-                "llm.max_retries", "embedder.model", "embedder.batch_size", "embedder.device", "eval.reports_dir",
-                "eval.questions", "paths.cache", "store.path", "store.url", "store.lease_s", "store.auth_token_env",
-                "llm.api_key_env")
+NOT_COMPARED = ("profile", "llm.model", "llm.revision", "llm.dtype", "llm.device", "llm.max_new_tokens",
+                "llm.batch_size", "llm.max_batch_tokens", "llm.concurrency", "llm.timeout_s", "llm.max_retries",
+                "llm.api_key_env", "embedder.model", "embedder.batch_size", "eval.reports_dir", "eval.questions",
+                "paths.cache", "store.path", "store.url", "store.lease_s", "store.auth_token_env")
 
 
 def append_history(reports_dir: Path, run: RunDir, header: dict, summary: dict) -> pd.DataFrame:

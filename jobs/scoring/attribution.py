@@ -50,6 +50,13 @@ def context_chunks(row: pd.Series) -> list[dict]:
     return value if isinstance(value, list) else []
 
 
+def context_text(chunks: list[dict]) -> str | None:
+    """The text given to the model as context; None where the run did not keep it (nothing can be judged)."""
+    if not chunks or any("text" not in c for c in chunks):
+        return None
+    return "\n".join(c["text"] for c in chunks)
+
+
 def label(row: pd.Series) -> str | None:
     """The stage that failed for one RAG answer, or None where it cannot be judged (no keywords, or a
     run from before contexts were kept)."""
@@ -65,9 +72,9 @@ def label(row: pd.Series) -> str | None:
     sources = set(listed(row.get("expected_sources")))
     if sources and not any(c.get("path") in sources for c in chunks):
         return RETRIEVAL
-    if not chunks or any("text" not in c for c in chunks):
+    context = context_text(chunks)
+    if context is None:
         return None
-    context = "\n".join(c["text"] for c in chunks)
     missed = [k for k, hit in zip(keywords, answer_hits) if not hit]
     return MODEL if any(keyword_hits(context, missed)) else CONTEXT
 
@@ -87,11 +94,8 @@ def annotate(df: pd.DataFrame) -> pd.DataFrame:
     out["stage"] = [label(r) for _, r in out.iterrows()]
     supports = []
     for _, r in out.iterrows():
-        chunks = context_chunks(r)
-        if r["mode"] != "rag" or not chunks or any("text" not in c for c in chunks):
-            supports.append(None)
-        else:
-            supports.append(support(str(r.get("answer") or ""), "\n".join(c["text"] for c in chunks)))
+        context = context_text(context_chunks(r)) if r["mode"] == "rag" else None
+        supports.append(None if context is None else support(str(r.get("answer") or ""), context))
     out["support"] = supports
     return out
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from jobs.scoring.attribution import context_chunks, listed
+from jobs.scoring.attribution import context_chunks, context_text, listed
 from jobs.scoring.keywords import keyword_hit_rate, normalise
 
 # Markers the prompt could have numbered (top-k stays far below 100).
@@ -38,9 +38,10 @@ MIN_COPY = 24
 
 def dump_start(answer: str, chunks: Sequence[dict]) -> int | None:
     """Where the answer starts copying a passage (the index of its marker), or None."""
-    if not chunks or any("text" not in c for c in chunks):
+    text = context_text(list(chunks))
+    if text is None:
         return None
-    context = normalise("\n".join(c["text"] for c in chunks))
+    context = normalise(text)
     paths = {f"({c['path']})" for c in chunks}
     for m in _MARKER.finditer(answer):
         rest = answer[m.end():].lstrip()
@@ -66,7 +67,7 @@ def annotate(df: pd.DataFrame) -> pd.DataFrame:
         if r["mode"] != "rag":
             dumps.append(None)
             strict.append(rate)
-        elif not chunks or any("text" not in c for c in chunks):
+        elif context_text(chunks) is None:
             dumps.append(None)
             strict.append(None)
         else:
