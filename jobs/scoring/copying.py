@@ -39,8 +39,10 @@ MIN_COPY = 24
 def dump_start(answer: str, chunks: Sequence[dict]) -> int | None:
     """Where the answer starts copying a passage (the index of its marker), or None."""
     text = context_text(list(chunks))
-    if text is None:
-        return None
+    return None if text is None else _dump_start(answer, chunks, text)
+
+
+def _dump_start(answer: str, chunks: Sequence[dict], text: str) -> int | None:
     context = normalise(text)
     paths = {f"({c['path']})" for c in chunks}
     for m in _MARKER.finditer(answer):
@@ -64,15 +66,16 @@ def annotate(df: pd.DataFrame) -> pd.DataFrame:
         rate = r.get("keyword_hit_rate")
         rate = None if rate is None or pd.isna(rate) else float(rate)
         chunks = context_chunks(r)
+        text = context_text(chunks) if r["mode"] == "rag" else None
         if r["mode"] != "rag":
             dumps.append(None)
             strict.append(rate)
-        elif context_text(chunks) is None:
+        elif text is None:
             dumps.append(None)
             strict.append(None)
         else:
             answer = str(r.get("answer") or "")
-            start = dump_start(answer, chunks)
+            start = _dump_start(answer, chunks, text)
             dumps.append(start is not None)
             keywords = listed(r.get("expected_keywords"))
             strict.append(rate if start is None else keyword_hit_rate(answer[:start], keywords))
