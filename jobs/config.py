@@ -136,6 +136,10 @@ class LLMConfig:
     max_batch_tokens: int = _in(1, 1 << 24, 16384)
     stop_ids: tuple[int, ...] = ()
     seed: int = _in(0, 2**32 - 1, 0)
+    # OpenAI's presence penalty, subtracted from the logit of every token the answer already holds (the
+    # prompt is not counted, unlike transformers' repetition_penalty, which pushes a RAG answer away from the
+    # context's own words). Answers only: query translations decode without it.
+    presence_penalty: float = _in(0.0, 2.0, 0.0)
     system_prompt: str = ""
     # Templates whose BOS is added by the tokenizer itself must be rendered without it.
     strip_bos_from_template: bool = False
@@ -220,9 +224,30 @@ class Profile:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 for sub in dataclasses.fields(value):
-                    v = getattr(value, sub.name)
-                    flat[f"{f.name}.{sub.name}"] = v if isinstance(v, (int, float, bool, str)) else str(v)
+                    flat[f"{f.name}.{sub.name}"] = _flat(getattr(value, sub.name))
         return flat
+
+
+def setting_defaults() -> dict[str, str | int | float | bool]:
+    """Every setting's default, keyed as in ``Profile.as_flat_dict``: what a setting added since an old run
+    was, in effect, in that run."""
+    flat: dict[str, str | int | float | bool] = {}
+    for name, cls in typing.get_type_hints(Profile).items():
+        if not dataclasses.is_dataclass(cls):
+            continue
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                v = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                v = f.default_factory()
+            else:
+                continue
+            flat[f"{name}.{f.name}"] = _flat(v)
+    return flat
+
+
+def _flat(value: object) -> str | int | float | bool:
+    return value if isinstance(value, (int, float, bool, str)) else str(value)
 
 
 def _resolve_path(p: Path) -> Path:

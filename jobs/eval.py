@@ -100,10 +100,13 @@ def make_jobs(q: Question, modes: set[str], llm: ChatModel, retriever: StoreRetr
 OnAnswer = Callable[[int, Completion, bool], None]
 
 
-def answer(llm: ChatModel, cache: GenerationCache, prompts: list[str], on_answer: OnAnswer) -> None:
+def answer(llm: ChatModel, cache: GenerationCache, prompts: list[str], on_answer: OnAnswer,
+           presence_penalty: float = 0.0) -> None:
     """Answers for prompts, from the cache where possible and generated otherwise; ``on_answer(index,
     completion, cached)`` as each one is ready. Failed answers are passed on but never cached."""
     fingerprint = {**llm.fingerprint(), "prompt_version": PROMPT_VERSION}
+    if presence_penalty:  # keyed only when set: the answers cached without it stay valid
+        fingerprint["presence_penalty"] = presence_penalty
     keys = [cache.key(fingerprint, p) for p in prompts]
     missing = []
     for i, key in enumerate(keys):
@@ -125,7 +128,7 @@ def answer(llm: ChatModel, cache: GenerationCache, prompts: list[str], on_answer
         on_answer(i, completion, False)
 
     if missing:
-        llm.generate([prompts[i] for i in missing], on_result=generated)
+        llm.generate([prompts[i] for i in missing], on_result=generated, presence_penalty=presence_penalty)
 
 
 def record(job: Job, completion: Completion, cached: bool, phrases: tuple[str, ...]) -> dict:
@@ -240,7 +243,7 @@ def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = 
                     bar.update(1)
 
                 try:
-                    answer(llm, cache, [j.prompt for j in jobs], on_answer)
+                    answer(llm, cache, [j.prompt for j in jobs], on_answer, profile.llm.presence_penalty)
                 except ServerLost as exc:
                     raise JobError(f"{exc}: the {len(done)} answers so far are kept in {run.path.name}; "
                                    "start the server again and `--resume` continues the run",

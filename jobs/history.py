@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from jobs.config import setting_defaults
 from jobs.drift import DocsChange, docs_change
 from jobs.errors import JobError
 from jobs.files import atomic_write
@@ -166,9 +167,15 @@ def compare(header: dict, df: pd.DataFrame, current: RunDir, baseline: RunDir) -
     differences = [f"{k}: {base_header.get(k)!s} → {header.get(k)!s}" for k in COMPARED
                    if str(base_header.get(k)) != str(header.get(k))]
     now_config, then_config = current.info().get("config", {}), baseline.info().get("config", {})
-    differences += [f"{k}: {then_config[k]!r} → {now_config[k]!r}" for k in now_config
-                    if k in then_config and k not in NOT_COMPARED and not k.startswith("serve.")
-                    and now_config[k] != then_config[k]]
+    # A setting added since the baseline ran had its default then: named only if it has left it.
+    defaults = setting_defaults()
+    for k, now in now_config.items():
+        if k in NOT_COMPARED or k.startswith("serve.") or (k not in then_config and k not in defaults):
+            continue
+        then = then_config.get(k, defaults.get(k))
+        if now != then:
+            differences.append(f"{k}: {then!r}{'' if k in then_config else ' (its default; not a setting then)'} "
+                               f"→ {now!r}")
     changes = stats.between_runs(df, base_df, DELTA_METRICS)
 
     before = base_df.set_index(["id", "mode"])

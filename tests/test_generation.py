@@ -31,6 +31,36 @@ def test_batched_equals_sequential_on_a_tiny_model(tiny_llm):
     assert [c.prompt_tokens for c in batched] == [c.prompt_tokens for c in sequential]
 
 
+def test_presence_penalty_counts_the_answer_once_per_token_and_never_the_prompt():
+    import torch
+
+    from jobs.llm.huggingface import AnswerPresencePenalty
+
+    penalty = AnswerPresencePenalty(0.5)
+    prompt = torch.tensor([[0, 5, 6], [7, 7, 7]])  # left-padded rows: the first call sees the whole prompt
+    scores = torch.arange(20, dtype=torch.float32).reshape(2, 10)
+    assert torch.equal(penalty(prompt, scores.clone()), scores)  # nothing generated yet
+    generated = torch.cat([prompt, torch.tensor([[3, 3], [6, 9]])], dim=1)
+    want = scores.clone()
+    want[0, 3] -= 0.5  # twice in the answer, penalised once (presence, not frequency)
+    want[1, [6, 9]] -= 0.5  # 6 is in the other row's prompt only: counted for this row's answer
+    assert torch.equal(penalty(generated, scores.clone()), want)  # 5, 7: prompt tokens, untouched
+
+
+def test_presence_penalty_changes_answers_and_batching_keeps_them(tiny_llm):
+    profile = load_profile("offline", {"llm.model": str(tiny_llm), "llm.device": "cpu", "llm.max_new_tokens": 12})
+    one, many = _pair(profile)
+    prompts = [one.render(q) for q in QUESTIONS]
+    plain = [c.text for c in one.generate(prompts)]
+    sequential = one.generate(prompts, presence_penalty=1.5)
+    batched = many.generate(prompts, presence_penalty=1.5)
+    assert [c.text for c in batched] == [c.text for c in sequential]
+    assert [c.text for c in sequential] != plain
+    # A random model repeats itself; the penalty makes it repeat less.
+    assert sum(len(set(c.text.split())) for c in sequential) > sum(len(set(t.split())) for t in plain)
+    assert [c.text for c in one.generate(prompts)] == plain  # the penalty was for that call only
+
+
 def test_batches_respect_rows_and_token_budget(tiny_llm):
     profile = load_profile("offline", {"llm.model": str(tiny_llm), "llm.device": "cpu", "llm.max_new_tokens": 10,
                                        "llm.batch_size": 3, "llm.max_batch_tokens": 100})
@@ -59,3 +89,6 @@ def test_batched_equals_sequential_on_smollm2():
     batched = many.generate(prompts)
     assert [c.text for c in batched] == [c.text for c in sequential]
     assert all(c.text for c in batched)
+    # With the penalty, padding must not count as answer tokens: still the same answers batched.
+    penalised = one.generate(prompts, presence_penalty=0.5)
+    assert [c.text for c in many.generate(prompts, presence_penalty=0.5)] == [c.text for c in penalised]

@@ -23,15 +23,24 @@ def profile_path(tmp_path, corpus_dir, minilm_path, tiny_llm, minilm_embedder):
     return path
 
 
+class Calls(list):
+    """Prompts that reached the model, and beside them (``penalties``) the presence penalty each was decoded with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.penalties: list[float] = []
+
+
 @pytest.fixture
 def model_calls(monkeypatch):
     """Counts prompts that reach the model (cache misses), through the real generate()."""
-    calls: list[str] = []
+    calls = Calls()
     real = ChatLLM.generate
 
-    def counting(self, prompts, on_result=None):
+    def counting(self, prompts, on_result=None, *, presence_penalty=0.0):
         calls.extend(prompts)
-        return real(self, prompts, on_result)
+        calls.penalties.extend([presence_penalty] * len(prompts))
+        return real(self, prompts, on_result, presence_penalty=presence_penalty)
 
     monkeypatch.setattr(ChatLLM, "generate", counting)
     return calls
@@ -81,6 +90,10 @@ def test_prompt_or_decoding_change_invalidates_the_cache(profile_path, model_cal
     assert len(model_calls) == 24
     ev.evaluate(load_profile(str(profile_path), {"llm.batch_size": 3}))  # batching does not change answers
     assert len(model_calls) == 24
+    run, df, *_ = ev.evaluate(load_profile(str(profile_path), {"llm.presence_penalty": 0.5}))
+    assert len(model_calls) == 32 and model_calls.penalties[-8:] == [0.5] * 8
+    report = (run.path / "report.md").read_text(encoding="utf-8")
+    assert "llm.presence_penalty" in report  # named among the settings that differ from the last run
 
 
 def test_regressions_name_exactly_the_changed_question(profile_path, capsys):
@@ -142,3 +155,16 @@ def test_baseline_prefers_the_same_profile_and_names_differences(profile_path, t
     assert prompted.baseline == third.run_id
     assert [d for d in prompted.differences if d.startswith("llm.")] == [
         f"llm.system_prompt: {mine.llm.system_prompt!r} → 'Answer briefly.'"]
+
+
+def test_a_setting_added_since_the_baseline_is_named_once_it_leaves_its_default(profile_path):
+    first, *_ = ev.evaluate(load_profile(str(profile_path)))
+    # The baseline as an older version of the job recorded it: before llm.presence_penalty existed.
+    info = json.loads((first.path / "run.json").read_text(encoding="utf-8"))
+    del info["config"]["llm.presence_penalty"]
+    (first.path / "run.json").write_text(json.dumps(info), encoding="utf-8")
+    _, _, _, same = ev.evaluate(load_profile(str(profile_path)))
+    assert same.baseline == first.run_id and same.differences == []  # its default then and now
+    penalised = load_profile(str(profile_path), {"llm.presence_penalty": 0.5})
+    _, _, _, changed = ev.evaluate(penalised, baseline=first.run_id)
+    assert changed.differences == ["llm.presence_penalty: 0.0 (its default; not a setting then) → 0.5"]

@@ -78,6 +78,14 @@ def test_eval_records_and_shows_each_rewrite(rewriting):
     assert "translation by" in header["retrieval"]
 
 
+def test_a_presence_penalty_decodes_the_answers_never_the_translations(rewriting, model_calls):  # noqa: F811
+    # The retrieval settings were tuned on plain greedy translations: a penalty for answers must not reach them.
+    ev.evaluate(load_profile(str(rewriting), {"llm.presence_penalty": 0.5}))
+    # One step: the questions' translations first, then their 8 answers (bare and RAG).
+    translations, answers = model_calls.penalties[:-8], model_calls.penalties[-8:]
+    assert translations and set(translations) == {0.0} and set(answers) == {0.5}
+
+
 def test_the_sweep_scores_what_the_rewriting_retriever_returns(rewriting, minilm_embedder):
     profile = load_profile(str(rewriting))
     rewriter = load_rewriter(profile)

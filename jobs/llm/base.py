@@ -63,8 +63,10 @@ class ChatModel(Protocol):
         message are defused (``defuse_control_tokens``): they are content, not structure."""
         ...
 
-    def generate(self, prompts: list[str], on_result: OnResult | None = None) -> list[Completion]:
-        """Greedy answers, in order; ``on_result(index, completion)`` as each one is done."""
+    def generate(self, prompts: list[str], on_result: OnResult | None = None, *,
+                 presence_penalty: float = 0.0) -> list[Completion]:
+        """Greedy answers, in order; ``on_result(index, completion)`` as each one is done. ``presence_penalty``
+        (OpenAI's) counts the tokens generated so far, never the prompt's."""
         ...
 
     def fingerprint(self) -> dict:

@@ -15,7 +15,13 @@ from pathlib import Path
 
 import torch
 from llama_index.llms.huggingface import HuggingFaceLLM
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+)
 
 from jobs.cache import folder_fingerprint
 from jobs.config import LLMConfig, Profile
@@ -24,6 +30,29 @@ from jobs.errors import JobError
 from jobs.llm.base import Completion, OnResult, control_tokens, defuse_control_tokens
 
 log = logging.getLogger(__name__)
+
+
+class AnswerPresencePenalty(LogitsProcessor):
+    """OpenAI's presence penalty for generate(): ``penalty`` off the logit of every token the answer holds so
+    far. The first call's input is the (padded) prompt, so the prompt is never counted. One per generate()."""
+
+    def __init__(self, penalty: float) -> None:
+        self.penalty = penalty
+        self.prompt_width: int | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prompt_width is None:
+            self.prompt_width = input_ids.shape[1]
+        answer = input_ids[:, self.prompt_width:]
+        if answer.shape[1] == 0:
+            return scores
+        seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, answer, True)
+        return scores - self.penalty * seen.to(scores.dtype)
+
+
+def _decoding(penalty: float) -> dict:
+    """generate() kwargs for one call: a fresh processor, since it remembers its call's prompt width."""
+    return {"logits_processor": LogitsProcessorList([AnswerPresencePenalty(penalty)])} if penalty else {}
 
 
 def load_kwargs(cfg: LLMConfig, location: str) -> dict:
@@ -100,7 +129,8 @@ class ChatLLM:
         """Tokens the model can attend to: prompt and answer together."""
         return self.hf.context_window
 
-    def generate(self, prompts: list[str], on_result: OnResult | None = None) -> list[Completion]:
+    def generate(self, prompts: list[str], on_result: OnResult | None = None, *,
+                 presence_penalty: float = 0.0) -> list[Completion]:
         """Greedy answers to rendered prompts, in order; ``on_result(index, completion)`` as each is done.
         batch_size 1 goes through HuggingFaceLLM one prompt at a time; larger batches go through batched
         generate() with identical answers. A prompt that cannot fit the window with its answer is not
@@ -123,11 +153,11 @@ class ChatLLM:
                 runnable.append(i)
         if self.cfg.batch_size <= 1:
             for i in runnable:
-                done(i, self._one(prompts[i]))
+                done(i, self._one(prompts[i], presence_penalty))
         else:
             for batch in self.batches([lengths[i] for i in runnable]):
                 rows = [runnable[j] for j in batch]
-                for i, completion in zip(rows, self._batch([prompts[i] for i in rows])):
+                for i, completion in zip(rows, self._batch([prompts[i] for i in rows], presence_penalty)):
                     done(i, completion)
         return out  # type: ignore[return-value]
 
@@ -146,18 +176,24 @@ class ChatLLM:
             batches.append([i])
         return batches
 
-    def _one(self, prompt: str) -> Completion:
+    def _one(self, prompt: str, presence_penalty: float = 0.0) -> Completion:
         torch.manual_seed(self.cfg.seed)
         started = time.perf_counter()
-        with torch.inference_mode():
-            response = self.hf.complete(prompt, formatted=True)
+        # HuggingFaceLLM.complete() passes no per-call kwargs to generate(): its generate_kwargs, for this call.
+        kwargs = self.hf.generate_kwargs
+        self.hf.generate_kwargs = {**kwargs, **_decoding(presence_penalty)}
+        try:
+            with torch.inference_mode():
+                response = self.hf.complete(prompt, formatted=True)
+        finally:
+            self.hf.generate_kwargs = kwargs
         seconds = time.perf_counter() - started
         prompt_tokens = len(self.tokenizer(prompt)["input_ids"])
         output = response.raw["model_output"][0]
         return Completion(text=response.text.strip(), prompt=prompt, prompt_tokens=prompt_tokens,
                           answer_tokens=int(output.shape[-1]) - prompt_tokens, seconds=seconds)
 
-    def _batch(self, prompts: list[str]) -> list[Completion]:
+    def _batch(self, prompts: list[str], presence_penalty: float = 0.0) -> list[Completion]:
         torch.manual_seed(self.cfg.seed)
         encoded = [self.tokenizer(p)["input_ids"] for p in prompts]
         width = max(len(ids) for ids in encoded)
@@ -168,7 +204,7 @@ class ChatLLM:
         started = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=self.cfg.max_new_tokens,
-                                      **self.hf.generate_kwargs)
+                                      **self.hf.generate_kwargs, **_decoding(presence_penalty))
         seconds = (time.perf_counter() - started) / len(prompts)  # amortised per answer
         results = []
         stops = set(self.stop_ids)

@@ -109,29 +109,35 @@ class ServedLLM:
         # Requests are in flight together across questions: hand over enough to keep every slot busy.
         return max(32, 4 * self.cfg.concurrency)
 
-    def _client(self, http: httpx.AsyncClient) -> Any:
+    def _client(self, http: httpx.AsyncClient, presence_penalty: float = 0.0) -> Any:
         from llama_index.llms.openai_like import OpenAILike
 
         return OpenAILike(
             async_http_client=http,
             model=self.cfg.model, api_base=self.cfg.base_url, api_key=self._key, is_chat_model=True, temperature=0.0,
-            max_tokens=self.cfg.max_new_tokens, timeout=self.cfg.timeout_s, additional_kwargs={"seed": self.cfg.seed},
+            max_tokens=self.cfg.max_new_tokens, timeout=self.cfg.timeout_s,
+            # Sent only when set: what a server counts toward it is its own (vLLM: the generated tokens only;
+            # llama.cpp's server has counted prompt tokens in its penalty window, ggml-org/llama.cpp#3727).
+            additional_kwargs={"seed": self.cfg.seed,
+                               **({"presence_penalty": presence_penalty} if presence_penalty else {})},
             # Retries are ours (below), counted once: the client's and LlamaIndex's would multiply.
             max_retries=0, reuse_client=True,
             context_window=int((self.served.get("meta") or {}).get("n_ctx") or 4096),
         )
 
-    def generate(self, prompts: list[str], on_result: OnResult | None = None) -> list[Completion]:
+    def generate(self, prompts: list[str], on_result: OnResult | None = None, *,
+                 presence_penalty: float = 0.0) -> list[Completion]:
         # One event loop per call, and a client made inside it: an async HTTP client is bound to its loop.
-        return asyncio.run(self._generate(prompts, on_result))
+        return asyncio.run(self._generate(prompts, on_result, presence_penalty))
 
-    async def _generate(self, prompts: list[str], on_result: OnResult | None) -> list[Completion]:
+    async def _generate(self, prompts: list[str], on_result: OnResult | None,
+                        presence_penalty: float) -> list[Completion]:
         import openai
 
         # Our own HTTP client, closed inside this loop (the SDK's own would be collected after it closed).
         http = httpx.AsyncClient(timeout=self.cfg.timeout_s,
                                  limits=httpx.Limits(max_connections=self.cfg.concurrency * 2))
-        llm = self._client(http)
+        llm = self._client(http, presence_penalty)
         out: list[Completion | None] = [None] * len(prompts)
         gate = asyncio.Semaphore(self.cfg.concurrency)
 
