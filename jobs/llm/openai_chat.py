@@ -117,7 +117,7 @@ class ServedLLM:
             model=self.cfg.model, api_base=self.cfg.base_url, api_key=self._key, is_chat_model=True, temperature=0.0,
             max_tokens=self.cfg.max_new_tokens, timeout=self.cfg.timeout_s,
             # Sent only when set: what a server counts toward it is its own (vLLM: the generated tokens only;
-            # llama.cpp's server has counted prompt tokens in its penalty window, ggml-org/llama.cpp#3727).
+            # llama.cpp's server: the last repeat_last_n tokens of prompt and answer, ggml-org/llama.cpp#3727).
             additional_kwargs={"seed": self.cfg.seed,
                                **({"presence_penalty": presence_penalty} if presence_penalty else {})},
             # Retries are ours (below), counted once: the client's and LlamaIndex's would multiply.
