@@ -90,7 +90,7 @@ def test_prompt_or_decoding_change_invalidates_the_cache(profile_path, model_cal
     assert len(model_calls) == 24
     ev.evaluate(load_profile(str(profile_path), {"llm.batch_size": 3}))  # batching does not change answers
     assert len(model_calls) == 24
-    run, df, *_ = ev.evaluate(load_profile(str(profile_path), {"llm.presence_penalty": 0.5}))
+    run, *_ = ev.evaluate(load_profile(str(profile_path), {"llm.presence_penalty": 0.5}))
     assert len(model_calls) == 32 and model_calls.penalties[-8:] == [0.5] * 8
     report = (run.path / "report.md").read_text(encoding="utf-8")
     assert "llm.presence_penalty" in report  # named among the settings that differ from the last run

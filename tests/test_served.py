@@ -225,14 +225,19 @@ def test_one_client_serves_several_batches(served):
 
 
 def test_a_presence_penalty_is_sent_only_when_set(served):
+    import asyncio
+
     import httpx
 
     from jobs.llm import load_llm
 
     llm = load_llm(load_profile(str(served)))
     http = httpx.AsyncClient()
-    assert "presence_penalty" not in llm._client(http).additional_kwargs  # the server's default, untouched
-    assert llm._client(http, 0.5).additional_kwargs["presence_penalty"] == 0.5
+    try:
+        assert "presence_penalty" not in llm._client(http).additional_kwargs  # the server's default, untouched
+        assert llm._client(http, 0.5).additional_kwargs["presence_penalty"] == 0.5
+    finally:
+        asyncio.run(http.aclose())
     # And the server acts on it: told to repeat a word, the penalised (greedy) answer is another one.
     prompt = llm.render("Write the word Lumen ten times, separated by spaces.")
     plain = llm.generate([prompt])[0]
