@@ -252,7 +252,8 @@ def stale_sources_section(df: pd.DataFrame) -> list[str]:
 
 
 def header_table(info: dict) -> pd.DataFrame:
-    return pd.DataFrame([{"": k, "value": v} for k, v in info.items()])
+    # An unset value (no pinned revision for a local model folder) reads as a dash, not an empty cell.
+    return pd.DataFrame([{"": k, "value": "–" if v is None or v == "" else v} for k, v in info.items()])
 
 
 def comparison_section(comp: Comparison) -> list[str]:

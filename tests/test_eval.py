@@ -179,3 +179,10 @@ def test_escape_cell_keeps_tables_intact():
     md = _table(table).splitlines()
     # Split on unescaped pipes: every row (header, rule, data) has exactly the table's 2 cells.
     assert len(md) == 3 and [len(re.split(r"(?<!\\)\|", line)) for line in md] == [4, 4, 4]
+
+
+def test_run_table_shows_unset_values_as_a_dash():
+    from jobs.report import header_table
+
+    table = header_table({"llm_revision": "", "seed": 0, "llm_device": None, "profile": "offline"})
+    assert table["value"].tolist() == ["–", 0, "–", "offline"]
