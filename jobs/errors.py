@@ -1,5 +1,10 @@
 """The one exception a job turns into a one-line error and a non-zero exit."""
 
+# A run stopped half-way (a server it needs went away, a disk filled): nothing half-done is published; run it
+# again (the eval keeps every answer so far and continues with --resume, an ingest starts over from the live
+# generation).
+EXIT_STOPPED = 4
+
 
 class JobError(Exception):
     """A problem the user can fix (bad input, missing model, locked store): printed without a traceback.

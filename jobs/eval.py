@@ -4,7 +4,10 @@
                         [--fail-under rag.keyword_hit_rate=0.3] [--fail-under change.rag.keyword_hit_rate=-0.05]
 
 Exit codes: 0 success; 2 bad input or setup (questions, store, model, settings), nothing written;
-3 a --fail-under threshold was missed (the report is written all the same); 130 interrupted.
+3 a --fail-under threshold was missed (the report is written all the same); 4 the run stopped half-way (the
+model or store server went away, a full disk): every answer so far is kept and ``--resume`` finishes it;
+5 answers failed beyond ``eval.max_failed_share`` (the report is written; the run is never a baseline);
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -29,13 +32,21 @@ from jobs.cache import GenerationCache
 from jobs.config import Profile, load_profile, overrides_from_cli
 from jobs.drift import save_corpus_files
 from jobs.embedding import load_embedder
-from jobs.errors import JobError
+from jobs.errors import EXIT_STOPPED, JobError  # 4: a server went away or a disk filled
 from jobs.files import atomic_write
-from jobs.history import Comparison, append_history, compare, find_baseline, named_baseline
+from jobs.history import (
+    Comparison,
+    compare,
+    find_baseline,
+    history_with,
+    load_history,
+    named_baseline,
+    save_history,
+)
 from jobs.llm import ChatModel, Completion, ServerLost, load_llm
 from jobs.prompts import PROMPT_VERSION, bare_user_message, rag_user_message
 from jobs.questions import Question, QuestionSet, load_questions
-from jobs.report import summary_table, write_report
+from jobs.report import summary_table, write_report, write_summary
 from jobs.results import RunDir, point_latest
 from jobs.retrieval import StoreRetriever
 from jobs.rewrite import load_rewriter
@@ -44,11 +55,12 @@ from jobs.scoring import keywords as kw
 from jobs.scoring.retrieval import file_ranking, scores
 from jobs.scoring.summary import MODES, metric, summarise_run
 from jobs.thresholds import Threshold
+from jobs.urls import redact
 
 log = logging.getLogger("jobs.eval")
 
 EXIT_THRESHOLD = 3
-EXIT_STOPPED = 4  # the model server went away mid-run: answers so far kept, --resume continues
+EXIT_FAILED_ANSWERS = 5  # more answers failed than eval.max_failed_share allows: no success, never a baseline
 RANKED_FILES = 10  # files kept per question for the hit@k curve
 
 
@@ -110,7 +122,7 @@ def answer(llm: ChatModel, cache: GenerationCache, prompts: list[str], on_answer
     keys = [cache.key(fingerprint, p) for p in prompts]
     missing = []
     for i, key in enumerate(keys):
-        found = cache.get(key)
+        found = cache.get(key, prompts[i])
         if found is None:
             missing.append(i)
         else:
@@ -119,13 +131,10 @@ def answer(llm: ChatModel, cache: GenerationCache, prompts: list[str], on_answer
 
     def generated(k: int, completion: Completion) -> None:
         i = missing[k]
+        on_answer(i, completion, False)  # the answer is the run's first; the cache only saves a later run time
         if not completion.error:
-            # The prompt is kept with its answer: what exactly was asked can always be read back.
-            cache.put(keys[i], {"text": completion.text, "prompt_tokens": completion.prompt_tokens,
-                                "answer_tokens": completion.answer_tokens, "seconds": completion.seconds,
-                                "prompt_sha1": hashlib.sha1(prompts[i].encode("utf-8")).hexdigest(),
-                                "prompt": prompts[i]})
-        on_answer(i, completion, False)
+            cache.put(keys[i], prompts[i], text=completion.text, prompt_tokens=completion.prompt_tokens,
+                      answer_tokens=completion.answer_tokens, seconds=completion.seconds)
 
     if missing:
         llm.generate([prompts[i] for i in missing], on_result=generated, presence_penalty=presence_penalty)
@@ -150,7 +159,8 @@ def run_info(profile: Profile, qs: QuestionSet) -> dict:
     flat = profile.as_flat_dict()
     # Settings that do not change answers may differ on resume: batch sizes, where reports go.
     same = {k: v for k, v in flat.items() if k not in ("llm.batch_size", "llm.max_batch_tokens",
-                                                         "embedder.batch_size", "eval.reports_dir")}
+                                                         "embedder.batch_size", "eval.reports_dir",
+                                                         "eval.max_failed_share")}
     experiment = hashlib.sha256(json.dumps({**same, "prompt_version": PROMPT_VERSION}, sort_keys=True)
                                 .encode()).hexdigest()[:16]
     return {"profile": profile.name, "questions": str(qs.path), "questions_sha256": qs.sha256,
@@ -166,12 +176,14 @@ def results_frame(records: list[dict], order: list[str]) -> pd.DataFrame:
     return df.sort_values(["_order", "mode"]).drop(columns="_order").reset_index(drop=True)
 
 
-def headline(summary: dict) -> str:
+def headline(summary: dict, header: dict | None = None) -> str:
     def f(key: str) -> str:
         v = metric(summary, key)
         return "–" if v is None else f"{v:.2f}"
 
-    return (f"keyword hit bare {f('bare.keyword_hit_rate')} → RAG {f('rag.keyword_hit_rate')} "
+    failed = "" if summary.get("outcome", "ok") == "ok" else \
+        f"**FAILED: {(header or {}).get('answers failed', '?')} answers failed; not a baseline.** "
+    return (f"{failed}keyword hit bare {f('bare.keyword_hit_rate')} → RAG {f('rag.keyword_hit_rate')} "
             f"(gain {f('gain.keyword_hit_rate')}; {f('rag.strict_keyword_hit_rate')} not crediting passage dumps, "
             f"{f('rag.passage_dump')} of RAG answers); hit@5 {f('rag.hit_at_5')}, MRR {f('rag.mrr')}; "
             f"abstention on negatives bare {f('bare.abstention')} / RAG {f('rag.abstention')}")
@@ -179,13 +191,40 @@ def headline(summary: dict) -> str:
 
 def write_outputs(run: RunDir, profile: Profile, header: dict, df: pd.DataFrame, summary: dict,
                   comparison: Comparison | None) -> None:
+    """Results, the report, the history row, then summary.json (it marks the run finished) and latest.md. A
+    write that fails (a full disk) leaves the run unfinished with every answer kept: ``--resume`` finishes it."""
     reports = profile.eval.reports_dir
-    atomic_write(run.path / "results.csv", df.to_csv(index=False))
-    atomic_write(run.path / "results.jsonl",
-                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in df.to_dict(orient="records")))
-    history = append_history(reports, run, header, summary)
-    write_report(run, header, df, summary, comparison, history)  # summary.json last: it marks the run finished
-    point_latest(reports, run, headline(summary))
+    try:
+        atomic_write(run.path / "results.csv", df.to_csv(index=False))
+        atomic_write(run.path / "results.jsonl",
+                     "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in df.to_dict(orient="records")))
+        history = history_with(reports, run, header, summary)
+        write_report(run, header, df, summary, comparison, history)
+        save_history(reports, history)
+        write_summary(run, header, summary)
+        point_latest(reports, run, headline(summary, header))
+    except OSError as exc:
+        raise _kept(run, f"could not write the run's outputs ({exc.strerror or exc}: {exc.filename})",
+                    "free some space (or make the folder writable)") from None
+
+
+def _kept(run: RunDir, what: str, fix: str) -> JobError:
+    """A run stopped half-way: every answer so far is in its progress file, and ``--resume`` continues it."""
+    return JobError(f"{what}: every answer so far is kept in {run.path}; {fix}, then run the eval again with "
+                    f"`--resume {run.run_id}` to finish it without asking them again", exit_code=EXIT_STOPPED)
+
+
+def outcome(df: pd.DataFrame, max_failed_share: float) -> tuple[str, str]:
+    """("ok" or "failed answers", the line that counts the failed answers)."""
+    errors = df["error"].fillna("").astype(str)
+    failed, total = int((errors != "").sum()), len(df)
+    if not failed:
+        return "ok", f"answers: {total}, none failed"
+    line = f"answers: {failed} of {total} failed (first: {errors[errors != ''].iloc[0][:200]})"
+    if failed / total > max_failed_share:
+        return "failed answers", (f"{line}; more than eval.max_failed_share={max_failed_share:g}: this night is no "
+                                  "success and will never be a baseline")
+    return "ok", f"{line}; within eval.max_failed_share={max_failed_share:g}"
 
 
 def stale_sources(questions: Sequence[Question], stored: set[str]) -> dict[str, list[str]]:
@@ -196,7 +235,10 @@ def stale_sources(questions: Sequence[Question], stored: set[str]) -> dict[str, 
 
 def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = False, resume_run: str | None = None,
              limit: int | None = None, baseline: str | None = None, use_cache: bool = True,
-             thresholds: Sequence[Threshold] = ()) -> tuple[RunDir, pd.DataFrame, dict, Comparison | None]:
+             thresholds: Sequence[Threshold] = (), ingest_first: bool = False,
+             source: str | None = None) -> tuple[RunDir, pd.DataFrame, dict, Comparison | None]:
+    """One run. ``ingest_first``: bring the store up to date first (``make eval``), with the same profile and
+    embedder, once the inputs are checked; ``source`` overrides the corpus manifest's sources for it."""
     # Everything that can be wrong with the inputs is found before any model loads or any file is written.
     qs = load_questions(questions or profile.eval.questions, profile.eval.max_question_chars)
     for t in thresholds:
@@ -206,14 +248,21 @@ def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = 
     selected = list(qs.questions[:limit] if limit else qs.questions)
     info = run_info(profile, qs)
     reports = profile.eval.reports_dir
+    load_history(reports)  # a damaged history is found (and rebuilt) now, not after the answers
     if baseline:
         named_baseline(reports, baseline)
     run = RunDir.resume(reports, profile.name, info, resume_run) if resume else None
     embedder = load_embedder(profile)
+    if ingest_first:
+        from jobs.ingest import ingest
+
+        print(ingest(profile, source, embedder=embedder).line(), flush=True)
     retriever = StoreRetriever(profile, embedder)  # refuses a missing or mismatched store: before the LLM loads
     llm: ChatModel | None = None
     try:
-        stale = stale_sources(selected, retriever.paths())
+        # All the run needs from the store besides retrieval, read now: after the answers nothing touches it.
+        file_hashes = retriever.file_hashes()
+        stale = stale_sources(selected, set(file_hashes))
         for qid, missing in stale.items():
             log.warning("question %s: expected source(s) not in the store: %s", qid, ", ".join(missing))
         llm = load_llm(profile)
@@ -229,15 +278,28 @@ def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = 
         step = llm.questions_per_step
         with tqdm(total=len(selected) * len(MODES), initial=kept, desc="answers", unit="answer") as bar:
             for i in range(0, len(selected), step):
-                if retriever.rewriter is not None:  # the step's rewrites in one batch, before its retrievals
-                    retriever.rewriter.prepare([q.question for q in selected[i:i + step] if (q.id, "rag") not in done])
-                jobs = [j for q in selected[i:i + step] for j in make_jobs(
-                    q, {m for m in MODES if (q.id, m) not in done}, llm, retriever, profile)]
+                try:
+                    if retriever.rewriter is not None:  # the step's rewrites in one batch, before its retrievals
+                        retriever.rewriter.prepare([q.question for q in selected[i:i + step]
+                                                    if (q.id, "rag") not in done])
+                    jobs = [j for q in selected[i:i + step] for j in make_jobs(
+                        q, {m for m in MODES if (q.id, m) not in done}, llm, retriever, profile)]
+                except Exception as exc:
+                    if not profile.store.url or isinstance(exc, JobError):
+                        raise
+                    # A server store that stops answering mid-run: the answers so far are kept.
+                    raise _kept(run, f"lost the Chroma server at {redact(profile.store.url)} while retrieving "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})",
+                                "start the server again") from None
 
                 def on_answer(k: int, completion: Completion, cached: bool, jobs: list[Job] = jobs) -> None:
                     rec = record(jobs[k], completion, cached, phrases)
                     rec["missing_sources"] = "|".join(stale.get(rec["id"], [])) if rec["mode"] == "rag" else ""
-                    run.append(rec)  # each answer is durable as soon as it exists
+                    try:
+                        run.append(rec)  # each answer is durable as soon as it exists
+                    except OSError as exc:
+                        raise _kept(run, f"could not record an answer ({exc.strerror or exc}: {run.path})",
+                                    "free some space (or make the folder writable)") from None
                     done[(rec["id"], rec["mode"])] = rec
                     counts["failed" if completion.error else "cached" if cached else "generated"] += 1
                     bar.update(1)
@@ -245,14 +307,17 @@ def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = 
                 try:
                     answer(llm, cache, [j.prompt for j in jobs], on_answer, profile.llm.presence_penalty)
                 except ServerLost as exc:
-                    raise JobError(f"{exc}: the {len(done)} answers so far are kept in {run.path.name}; "
-                                   "start the server again and `--resume` continues the run",
-                                   exit_code=EXIT_STOPPED) from None
+                    raise _kept(run, str(exc), "start the model server again") from None
         wall = time.perf_counter() - started
         df = copying.annotate(attribution.annotate(results_frame([done[(q.id, m)] for q in selected for m in MODES],
                                                                  [q.id for q in selected])))
         summary = summarise_run(df)
-        save_corpus_files(run.path, retriever.build_info.get("corpus_commit", ""), retriever.file_hashes())
+        summary["outcome"] = outcome(df, profile.eval.max_failed_share)[0]
+        try:
+            save_corpus_files(run.path, retriever.build_info.get("corpus_commit", ""), file_hashes)
+        except OSError as exc:
+            raise _kept(run, f"could not write the run's outputs ({exc.strerror or exc}: {exc.filename})",
+                        "free some space (or make the folder writable)") from None
         header = {
             "run": run.run_id, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "profile": profile.name, **llm.identity(), "embedder": embedder.name,
@@ -269,6 +334,7 @@ def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = 
             "answers from cache": counts["cached"],
             **({"answers kept from the interrupted run": kept} if resume else {}),
             "answers failed": int((df["error"].fillna("") != "").sum()),
+            **({"cache entries regenerated (damaged or edited)": cache.rejected} if cache.rejected else {}),
             "wall_s": round(wall, 1),
             "questions_per_s": round(len(selected) / wall, 4) if wall > 0 else None,
         }
@@ -284,8 +350,14 @@ def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.eval", description=__doc__.split("\n\n")[0],
-                                epilog="Exit codes: 0 ok, 2 bad input/setup, 3 a --fail-under threshold missed.")
+                                epilog="Exit codes: 0 ok, 2 bad input/setup, 3 a --fail-under threshold missed, "
+                                       "4 stopped half-way (--resume finishes it), 5 answers failed beyond "
+                                       "eval.max_failed_share, 130 interrupted.")
     p.add_argument("--profile", default="offline", help="profile name (jobs/profiles) or a .toml path")
+    p.add_argument("--ingest", action="store_true",
+                   help="bring the store up to date first (what `make eval` does), with the same settings")
+    p.add_argument("--source", help="with --ingest: a git URL, local git repo or folder instead of the manifest's")
+    p.add_argument("--corpus", help="corpus manifest (default: the profile's)")
     p.add_argument("--questions", type=Path, help="question CSV (default: the profile's)")
     p.add_argument("--store", help="store path (default: the profile's)")
     p.add_argument("--store-url", help="a Chroma server, http://host:port (default: the profile's [store].url)")
@@ -311,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 def profile_from_args(args: argparse.Namespace) -> Profile:
     return load_profile(args.profile, overrides_from_cli(args.set, {
         "store.path": ("--store", args.store), "store.url": ("--store-url", args.store_url),
-        "eval.reports_dir": ("--reports", args.reports),
+        "corpus": ("--corpus", args.corpus), "eval.reports_dir": ("--reports", args.reports),
         "retrieval.top_k": ("--top-k", args.top_k), "llm.max_new_tokens": ("--max-new-tokens", args.max_new_tokens),
         "llm.seed": ("--seed", args.seed), "llm.batch_size": ("--batch-size", args.batch_size)}))
 
@@ -320,13 +392,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     joblog.setup(args.verbose)
     thresholds = [Threshold.parse(t) for t in args.fail_under]
+    if args.source and not args.ingest:
+        raise JobError("--source is where the ingest reads the docs from: add --ingest (or run `make ingest`)")
     profile = profile_from_args(args)
-    run, _df, summary, comparison = evaluate(
+    run, df, summary, comparison = evaluate(
         profile, questions=args.questions, resume=args.resume is not None, resume_run=args.resume or None,
-        limit=args.limit, baseline=args.baseline, use_cache=not args.no_cache, thresholds=thresholds)
+        limit=args.limit, baseline=args.baseline, use_cache=not args.no_cache, thresholds=thresholds,
+        ingest_first=args.ingest, source=args.source)
     print(summary_table(summary).to_markdown(index=False, disable_numparse=True))
     print(f"report: {run.path / 'report.md'}")
     print(headline(summary))
+    status, counted = outcome(df, profile.eval.max_failed_share)
+    print(counted)
     if comparison is not None:
         print(f"since {comparison.baseline}: {comparison.regression()[1]}")
     code = 0
@@ -334,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         failed, line = t.verdict(summary, comparison)
         print(line, file=sys.stderr if failed else sys.stdout)
         code = EXIT_THRESHOLD if failed else code
+    if status != "ok":  # outranks a missed threshold: the numbers measure the failure, not the model
+        print(f"FAIL: {counted}", file=sys.stderr)
+        code = EXIT_FAILED_ANSWERS
     return code
 
 

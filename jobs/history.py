@@ -11,7 +11,11 @@ abstention.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -24,6 +28,8 @@ from jobs.results import RUN_INFO, SUMMARY, RunDir, format_sources
 from jobs.scoring import copying
 from jobs.scoring import statistics as stats
 from jobs.scoring.summary import LOWER_BETTER, METRICS, OVERALL, metric
+
+log = logging.getLogger(__name__)
 
 HISTORY = "history.csv"
 # (column, metric key) of the headline numbers kept per run.
@@ -50,23 +56,102 @@ COMPARED = ("profile", "llm", "llm_revision", "llm_dtype", "llm_device", "embedd
 NOT_COMPARED = ("profile", "llm.model", "llm.revision", "llm.dtype", "llm.device", "llm.max_new_tokens",
                 "llm.batch_size", "llm.max_batch_tokens", "llm.concurrency", "llm.timeout_s", "llm.max_retries",
                 "llm.api_key_env", "embedder.model", "embedder.batch_size", "eval.reports_dir", "eval.questions",
+                "eval.max_failed_share",
                 "paths.cache", "store.path", "store.url", "store.lease_s", "store.auth_token_env")
 
 
-def append_history(reports_dir: Path, run: RunDir, header: dict, summary: dict) -> pd.DataFrame:
-    row = {"run": run.run_id, "finished": header.get("finished"), "profile": header.get("profile"),
+# A run folder's name: the UTC time it started, then the profile (jobs.results.RunDir.create).
+_RUN_ID = re.compile(r"^\d{8}-\d{6}-\S+$")
+
+
+def run_outcome(summary: dict) -> str:
+    """"ok", or why a finished run is no success and must never be a baseline (its answers failed). Runs from
+    before the outcome was recorded count as failed only when every answer failed."""
+    if "outcome" in summary:
+        return str(summary["outcome"])
+    header = summary.get("run", {})
+    failed, total = int(header.get("answers failed") or 0), 2 * int(summary.get(OVERALL, {}).get("rag", {})
+                                                                     .get("n") or 0)
+    return "failed answers" if total and failed >= total else "ok"
+
+
+def history_row(run_id: str, header: dict, info: dict, summary: dict) -> dict:
+    row = {"run": run_id, "finished": header.get("finished"), "profile": header.get("profile"),
            "llm": header.get("llm"), "embedder": header.get("embedder"),
            "corpus_commit": str(header.get("corpus_commit", ""))[:12],
-           "questions_sha256": run.info().get("questions_sha256", "")[:12],
+           "questions_sha256": str(info.get("questions_sha256", ""))[:12],
            "n": summary[OVERALL]["rag"]["n"], "wall_s": header.get("wall_s"),
-           "cached_answers": header.get("answers from cache")}
+           "cached_answers": header.get("answers from cache"), "outcome": run_outcome(summary)}
     row.update({col: metric(summary, key) for col, key in HEADLINE})
-    path = reports_dir / HISTORY
-    old = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    return row
+
+
+def history_with(reports_dir: Path, run: RunDir, header: dict, summary: dict) -> pd.DataFrame:
+    """The history table with this run's row (a resumed run replaces its own), not yet written."""
+    old = load_history(reports_dir)
     if not old.empty:
-        old = old[old["run"] != run.run_id]  # a resumed run replaces its row
-    table = pd.concat([old, pd.DataFrame([row])], ignore_index=True)
-    atomic_write(path, table.to_csv(index=False))
+        old = old[old["run"] != run.run_id]
+    return pd.concat([old, pd.DataFrame([history_row(run.run_id, header, run.info(), summary)])], ignore_index=True)
+
+
+def save_history(reports_dir: Path, table: pd.DataFrame) -> None:
+    atomic_write(reports_dir / HISTORY, table.to_csv(index=False))
+
+
+def _damage(table: pd.DataFrame) -> str:
+    """What is wrong with a history table read from disk ("" when nothing)."""
+    if "run" not in table.columns:
+        return f"no 'run' column (columns: {', '.join(map(str, table.columns[:8]))})"
+    for i, run in enumerate(table["run"], start=2):
+        if not isinstance(run, str) or not _RUN_ID.match(run):
+            return f"line {i}: {str(run)[:40]!r} is not a run name"
+    for col, _key in HEADLINE:
+        if col in table.columns:
+            values = table[col]
+            numbers = pd.to_numeric(values, errors="coerce")
+            bad = values.notna() & numbers.isna()
+            if bad.any():
+                return f"line {int(bad.idxmax()) + 2}: {col}={str(values[bad.idxmax()])[:40]!r} is not a number"
+    return ""
+
+
+def rebuild_history(reports_dir: Path) -> pd.DataFrame:
+    """The history table from the run folders themselves (each finished run keeps its summary.json)."""
+    rows = []
+    for path in sorted(p for p in reports_dir.iterdir() if (p / SUMMARY).is_file()):
+        try:
+            summary = json.loads((path / SUMMARY).read_text(encoding="utf-8"))
+            info = json.loads((path / RUN_INFO).read_text(encoding="utf-8"))
+            rows.append((str(info.get("started_at", "")), history_row(path.name, summary["run"], info, summary)))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("history: run folder %s left out (%s)", path, exc)
+    return pd.DataFrame([row for _, row in sorted(rows, key=lambda r: r[0])])
+
+
+def load_history(reports_dir: Path) -> pd.DataFrame:
+    """The history table. Checked whenever it is read (first before any model loads): a damaged one (a garbage
+    line, an unterminated quote, other columns) is moved aside, named in one warning, and rebuilt from the
+    run folders; if it cannot be moved, the run stops with one line naming the file."""
+    path = reports_dir / HISTORY
+    if not path.is_file():
+        return pd.DataFrame()
+    try:
+        table = pd.read_csv(path)
+        problem = _damage(table)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        table, problem = pd.DataFrame(), str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not problem:
+        return table
+    aside = path.with_name(f"{HISTORY}.damaged-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}")
+    try:
+        os.replace(path, aside)
+        table = rebuild_history(reports_dir)
+        atomic_write(path, table.to_csv(index=False))
+    except OSError as exc:
+        raise JobError(f"{path} is damaged ({problem}) and could not be moved aside ({exc.strerror or exc}): "
+                       "delete or repair it; it is rebuilt from the run folders") from None
+    log.warning("%s was damaged (%s): moved aside to %s and rebuilt from %d finished run folder(s)", path, problem,
+                aside.name, len(table))
     return table
 
 
@@ -78,7 +163,18 @@ def named_baseline(reports_dir: Path, name: str) -> RunDir:
     if not (path / SUMMARY).is_file():
         raise JobError(f"--baseline {name}: that run did not finish (no {SUMMARY} in {path}); "
                        "pick a finished run or resume it first")
+    outcome = run_outcome(_read_summary(path))
+    if outcome != "ok":
+        raise JobError(f"--baseline {name}: that run is no success ({outcome}): its numbers measure the failure, "
+                       "not the model; pick another run")
     return RunDir(path)
+
+
+def _read_summary(path: Path) -> dict:
+    try:
+        return json.loads((path / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"outcome": "unreadable summary.json"}
 
 
 def find_baseline(reports_dir: Path, current: RunDir, explicit: str | None) -> RunDir | None:
@@ -87,7 +183,7 @@ def find_baseline(reports_dir: Path, current: RunDir, explicit: str | None) -> R
     # The newest earlier finished run over the same questions, preferring the same profile (last
     # night's run of this job) over another profile's run (then the report says what differs).
     # Ordered by start time, not by folder name: names of runs started within one second sort by
-    # profile, not by age.
+    # profile, not by age. A run whose answers failed is never a baseline.
     me = current.info()
     candidates = []
     for path in reports_dir.iterdir():
@@ -95,7 +191,8 @@ def find_baseline(reports_dir: Path, current: RunDir, explicit: str | None) -> R
             continue
         info = json.loads((path / RUN_INFO).read_text(encoding="utf-8"))
         started = str(info.get("started_at", ""))
-        if started < str(me.get("started_at", "")) and info.get("questions_sha256") == me.get("questions_sha256"):
+        if started < str(me.get("started_at", "")) and info.get("questions_sha256") == me.get("questions_sha256") \
+                and run_outcome(_read_summary(path)) == "ok":
             candidates.append((info.get("profile") != me.get("profile"), started, path))
     if not candidates:
         return None

@@ -1,10 +1,22 @@
 """Ingest job: source -> documents -> chunks -> embeddings -> store.
 
     python -m jobs.ingest --profile offline [--source DIR_OR_URL] [--store DIR] [--check QUESTIONS.csv]
+    python -m jobs.ingest --profile offline --store-url http://HOST:8000 --break-lease [--force]
 
 Re-runs are incremental: chunk ids are ``path#ordinal``; a chunk whose text is unchanged keeps its
 vector, a vector is reused for any text already embedded, and only new text is embedded. Nothing is
 written when nothing changed.
+
+Exit codes: 0 done (or nothing to do); 2 a one-line error, nothing published (bad settings, no source, an
+unreachable, read-only or locked store, a store being written by another ingest); 4 stopped half-way: the
+Chroma server went away during the ingest; nothing was published and the store is as it was: run the ingest
+again.
+
+--break-lease clears the single-writer lease of a store on a Chroma server and says whose lease it broke (or
+that none was held), for an ingest killed on another host (its lease holds for store.lease_s; one killed on
+this host is taken over at once by the next ingest). It is refused for a folder store, and when the holder is
+an ingest alive on this host, unless --force. An ingest whose lease is broken stops at its next check and
+publishes nothing.
 """
 
 from __future__ import annotations
@@ -29,11 +41,15 @@ from jobs.lexical import index_chunks, lexical_spec
 from jobs.source import Checkout, fetch, load_manifest, source_from_override
 from jobs.stores import chroma
 from jobs.stores.chroma import StoredChunk, chunk_texts, read_chunks
+from jobs.urls import redact
 
 log = logging.getLogger("jobs.ingest")
 
 # Bump when chunking logic changes in a way that moves chunk boundaries: forces a rebuild.
 CHUNKER_VERSION = 1
+# The embedding runs this many batches at a time, the writer's health checked in between: a Chroma server lost
+# mid-ingest stops the job within one slice instead of after all the embedding.
+EMBED_SLICE_BATCHES = 8
 
 
 @dataclass
@@ -150,7 +166,7 @@ def build_info(profile: Profile, embedder: Embedder, checkout: Checkout, manifes
         **embedder.spec(),
         "embedder_dtype": embedder.dtype_name,
         "corpus": profile.corpus.stem,
-        "corpus_url": manifest_url,
+        "corpus_url": redact(manifest_url),  # recorded and logged without credentials; git gets the real one
         "corpus_commit": checkout.commit,
         "corpus_source": checkout.source.describe(),
         "chunk_size": profile.chunking.size,
@@ -238,7 +254,8 @@ def _update(profile: Profile, writer: stores.Writer, checkout: Checkout, docs: l
     new = {ch.text_sha: ch for ch in plan.write if ch.text_sha not in reusable}
     texts = sorted((sha, ch.text) for sha, ch in new.items())
     started = time.perf_counter()
-    vectors = dict(zip((sha for sha, _ in texts), embedder.embed_passages([t for _, t in texts])))
+    vectors = dict(zip((sha for sha, _ in texts), embed_checked(embedder, [t for _, t in texts],
+                                                                 writer.check_healthy)))
     summary.embed_seconds = time.perf_counter() - started
     summary.embed_tokens = sum(ch.n_tokens for ch in new.values())
     summary.embedded = len(texts)
@@ -270,8 +287,28 @@ def _update(profile: Profile, writer: stores.Writer, checkout: Checkout, docs: l
     log.info("published %s (%d chunks, commit %s)", name, plan.total, checkout.commit[:12])
 
 
+def embed_checked(embedder: Embedder, texts: list[str], check: Callable[[], None]) -> list[list[float]]:
+    """``embedder.embed_passages(texts)`` a slice of whole batches at a time, ``check()`` (the writer's health)
+    before each. The texts go longest first, as embed_passages orders them itself, so every batch, and so
+    every vector, is the one a single call over all of them gives."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+    step = embedder.cfg.batch_size * EMBED_SLICE_BATCHES
+    out: list[list[float]] = [[] for _ in texts]
+    with tqdm(total=len(texts), desc="Generating embeddings", unit="chunk", leave=False) as bar:
+        for start in range(0, len(order), step):
+            check()
+            part = order[start:start + step]
+            for i, vec in zip(part, embedder.embed_passages([texts[i] for i in part], show_progress=False)):
+                out[i] = vec
+            bar.update(len(part))
+            log.debug("embedded %d of %d chunks", start + len(part), len(texts))
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.ingest", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jobs.ingest", description=__doc__.split("\n\n")[0],
+                                epilog="\n\n".join(__doc__.split("\n\n")[2:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="offline", help="profile name (jobs/profiles) or a .toml path")
     p.add_argument("--source", help="override the manifest's sources: a git URL, a local git repo or a folder")
     p.add_argument("--store", help="store path (default: the profile's [store].path)")
@@ -284,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-only", action="store_true", help="skip ingesting; only run --check on the store")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any profile setting, e.g. --set embedder.batch_size=64")
+    p.add_argument("--break-lease", action="store_true",
+                   help="only clear the single-writer lease of the store on a Chroma server (see below)")
+    p.add_argument("--force", action="store_true",
+                   help="with --break-lease: break it even if its holder is an ingest alive on this host")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -301,7 +342,12 @@ def profile_from_args(args: argparse.Namespace) -> Profile:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     joblog.setup(args.verbose)
+    if args.force and not args.break_lease:
+        raise JobError("--force only goes with --break-lease")
     profile = profile_from_args(args)
+    if args.break_lease:
+        print(stores.break_lease(profile, force=args.force), flush=True)
+        return 0
     embedder = None
     if not args.check_only:
         summary = ingest(profile, args.source)

@@ -18,11 +18,16 @@ BARE, RAG = "#9e9e9e", "#1f77b4"
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=110, format="png")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no partial image behind
+        raise
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -69,6 +74,8 @@ def trend(history: pd.DataFrame, path: Path) -> Path:
               ("rag_strict_keyword_hit", "RAG keyword hit, dumps not credited", RAG, ":"),
               ("bare_keyword_hit", "bare keyword hit", BARE, "-"),
               ("rag_hit_at_5", "RAG hit@5", "#2ca02c", "--"), ("rag_mrr", "RAG MRR", "#ff7f0e", "--")]
+    if "outcome" in history:  # a night whose answers failed measured the failure, not the model
+        history = history[history["outcome"].fillna("ok").astype(str) == "ok"]
     runs = history["run"].astype(str).tolist()
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(runs) + 4), 3.6))
     x = list(range(len(runs)))
@@ -76,11 +83,14 @@ def trend(history: pd.DataFrame, path: Path) -> Path:
         if col in history:
             ax.plot(x, pd.to_numeric(history[col], errors="coerce"), style, marker="o", color=color, label=label)
     ax.set_xticks(x, [r[:15] for r in runs], rotation=30, ha="right", fontsize=7)
-    ax.set_xlim(-0.5, len(runs) - 0.5)
+    ax.set_xlim(-0.5, max(len(runs), 1) - 0.5)
+    if not runs:
+        ax.text(0, 0.5, "no run whose answers succeeded yet", ha="center", fontsize=9)
     ax.set_ylim(-0.03, 1.05)
     ax.set_title(f"Headline metrics over {len(runs)} run(s)")
     # Outside the axes: equal series overlap, and a legend inside would hide the points near 0.
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
+    if runs:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 

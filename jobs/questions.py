@@ -23,6 +23,9 @@ COLUMNS = ("id", "question", "language", "expected_keywords", "expected_sources"
 NEGATIVE, IDENTITY = "negative", "identity"
 LANGUAGES = ("zh", "en")
 _CATEGORY = re.compile(r"^[\w-]{1,40}$")
+# Control characters but tab and newlines (a pasted error message keeps its lines), and the invisible
+# bidirectional overrides that make text read other than it is.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,12 @@ def load_questions(path: Path, max_chars: int | None = None) -> QuestionSet:
 
         def bad(field: str, why: str, row_no: int = row_no) -> None:
             errors.append(f"{path}:{row_no}: {field}: {why}")
+
+        for field, value in row.items():
+            control = _CONTROL.search(value)
+            if control:
+                # A NUL or an escape sequence is never part of a question; it would reach the report and the CSVs.
+                bad(field, f"control character U+{ord(control.group()):04X} at position {control.start() + 1}")
 
         qid = row["id"]
         if not qid:

@@ -10,25 +10,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
 
 from jobs.drift import DocsChange
 from jobs.files import atomic_write
-from jobs.history import HISTORY, Comparison, compare, find_baseline
+from jobs.history import Comparison, compare, find_baseline, load_history, run_outcome
 from jobs.results import SUMMARY, RunDir, format_sources
 from jobs.scoring import attribution, copying
 from jobs.scoring import statistics as stats
 from jobs.scoring.summary import MODES, OVERALL
 
+# Spans a renderer could turn into a link by themselves (GFM's autolinks, linkify): scheme:..., www...., e-mail.
+_LINKISH = re.compile(r"(?i)\b[a-z][a-z0-9+.-]{0,31}:[^\s<>|]+|\bwww\.[^\s<>|]+|[^\s<>|@]+@[^\s<>|@]+\.[a-z]{2,}")
+_DEFANG = str.maketrans({":": "&#58;", "/": "&#47;", ".": "&#46;", "@": "&#64;"})
+
 
 def escape_cell(value: object) -> str:
+    """Model answers, retrieved passages and questions as inert text: no HTML, no table breaks, and no live
+    link or image (retrieved pages can steer what a model writes, and an image URL in a report is fetched
+    by whoever views it). Markdown link syntax loses its brackets and URLs their punctuation to character
+    references: they read the same, but no renderer sees a link in them."""
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return ""
     text = str(value)
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    text = _LINKISH.sub(lambda m: m.group(0).translate(_DEFANG), text)
     text = text.replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
+    text = text.replace("[", "&#91;").replace("]", "&#93;")
     text = text.replace("\r\n", "\n").replace("\r", "\n").strip().replace("\n", "<br>")
     return text
 
@@ -301,6 +312,17 @@ def docs_section(docs: DocsChange) -> list[str]:
     return lines
 
 
+def failed_banner(summary: dict, header: dict, df: pd.DataFrame) -> list[str]:
+    """First thing on the page when the night's answers failed: its numbers measure the failure."""
+    if summary.get("outcome", "ok") == "ok":
+        return []
+    errors = df["error"].fillna("").astype(str)
+    first = errors[errors != ""]
+    return [f"**This run is no success: {header.get('answers failed', len(first))} of {len(df)} answers failed** "
+            f"(first: {escape_cell(first.iloc[0][:200]) if len(first) else '–'}). Its numbers measure the failure, "
+            "not the model; it is never taken as a baseline.", ""]
+
+
 def render(run_info: dict, header: dict, summary: dict, df: pd.DataFrame, comparison: Comparison | None = None,
            figures: dict[str, str] | None = None) -> str:
     n_questions = int(df["id"].nunique()) if not df.empty else 0
@@ -311,6 +333,7 @@ def render(run_info: dict, header: dict, summary: dict, df: pd.DataFrame, compar
     parts = [
         f"# RAG regression report · {run_info['run_id']}",
         "",
+        *failed_banner(summary, header, df),
         "How much retrieval improves the model's answers about the XTuner docs. Keyword hit = share of a "
         "question's expected keywords found in the answer (NFKC, case-folded); negatives are scored on "
         "abstention; retrieval hit@k/MRR are file-level against the expected sources. A passage dump is a RAG "
@@ -346,7 +369,7 @@ def render(run_info: dict, header: dict, summary: dict, df: pd.DataFrame, compar
 
 def write_report(run: RunDir, header: dict, df: pd.DataFrame, summary: dict, comparison: Comparison | None,
                  history: pd.DataFrame) -> None:
-    """Plots, report.md, then summary.json (last: its presence marks a run finished)."""
+    """The plots and report.md (summary.json comes later, from ``write_summary``: it marks a run finished)."""
     from jobs import plots
 
     figures = {
@@ -355,6 +378,10 @@ def write_report(run: RunDir, header: dict, df: pd.DataFrame, summary: dict, com
         "Retrieval hit@k, k = 1..10": plots.recall_curve(df, run.path / "recall.png").name,
     }
     atomic_write(run.path / "report.md", render(run.info(), header, summary, df, comparison, figures))
+
+
+def write_summary(run: RunDir, header: dict, summary: dict) -> None:
+    """summary.json, written last: its presence marks the run finished (and, if its outcome is ok, a baseline)."""
     atomic_write(run.path / SUMMARY, json.dumps({"run": header, **summary}, indent=2, ensure_ascii=False, default=str))
 
 
@@ -372,17 +399,26 @@ def rereport(run_path: Path, baseline: str | None = None) -> Path:
     summary = summarise_run(df)
     base = find_baseline(run.path.parent, run, baseline)
     comparison = compare(header, df, run, base) if base else None
-    history_path = run.path.parent / HISTORY
-    history = pd.read_csv(history_path) if history_path.is_file() else pd.DataFrame({"run": [run.run_id]})
+    history = load_history(run.path.parent)
+    if history.empty:
+        history = pd.DataFrame({"run": [run.run_id]})
+    previous = json.loads((run.path / SUMMARY).read_text(encoding="utf-8"))
+    summary["outcome"] = run_outcome(previous)  # how the night went is not a score: it is kept
     write_report(run, header, df, summary, comparison, history)
+    write_summary(run, header, summary)
     return run.path / "report.md"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.report",
                                 description="Rebuild a finished run's report from its results (no model runs).")
     p.add_argument("run", type=Path, help="the run folder, e.g. eval/reports/20261201-020000-offline")
     p.add_argument("--baseline", metavar="RUN", help="compare with this run (default: the one before it)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     print(f"report: {rereport(args.run, args.baseline)}")
     return 0

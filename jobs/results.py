@@ -52,6 +52,10 @@ class RunDir:
             path = Path(run) if Path(run).is_dir() else reports_dir / run
             if not (path / RUN_INFO).is_file():
                 raise JobError(f"--resume {run}: no run folder at {path}")
+            if path.resolve().parent != reports_dir.resolve():
+                # Its history row, baseline and latest.md link belong with the reports folder it was run in.
+                raise JobError(f"--resume {run}: that run is not in the reports folder {reports_dir}; resume it "
+                               f"with --reports {path.resolve().parent}")
             if (path / SUMMARY).is_file():
                 raise JobError(f"--resume {run}: that run is finished; start a new one instead")
             differs = _differs(path, info)
@@ -77,26 +81,32 @@ class RunDir:
         return json.loads((self.path / RUN_INFO).read_text(encoding="utf-8"))
 
     def done(self) -> dict[tuple[str, str], dict]:
-        """Finished records by (question id, mode). A torn last line (killed mid-write) is dropped."""
+        """Finished records by (question id, mode). Every sound line is kept; a line that is not a record
+        (damaged, or without its id and mode) is skipped and named, and that answer is asked again. A torn
+        last line (killed mid-write) is cut off, so that the next append starts on a line of its own."""
         path = self.path / PROGRESS
         if not path.is_file():
             return {}
+        data = path.read_bytes()
         out: dict[tuple[str, str], dict] = {}
-        good_bytes = 0
-        with open(path, "rb") as f:
-            for raw in f:
-                try:
-                    if not raw.endswith(b"\n"):
-                        raise ValueError("torn line")
-                    rec = json.loads(raw)
-                except ValueError:
-                    log.warning("dropping a torn record at the end of %s", path)
-                    break
-                out[(rec["id"], rec["mode"])] = rec
-                good_bytes += len(raw)
-        if good_bytes != path.stat().st_size:
+        skipped: list[str] = []
+        lines = data.split(b"\n")
+        torn = lines.pop()  # after the last newline: b"" when the file ends on a line boundary
+        for number, raw in enumerate(lines, start=1):
+            why = _not_a_record(raw)
+            if why:
+                skipped.append(f"line {number} ({why})")
+                continue
+            rec = json.loads(raw)
+            out[(rec["id"], rec["mode"])] = rec
+        if skipped:
+            log.warning("%s: skipped %d line(s) that are not answer records: %s; those answers are asked again",
+                        path, len(skipped), ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
+        if torn:
+            log.warning("%s: dropping a torn record at the end (line %d, written when the run was killed)",
+                        path, len(lines) + 1)
             with open(path, "r+b") as f:
-                f.truncate(good_bytes)
+                f.truncate(len(data) - len(torn))
         return out
 
     def append(self, record: dict) -> None:
@@ -112,6 +122,21 @@ class RunDir:
 
     def finished(self) -> bool:
         return (self.path / SUMMARY).is_file()
+
+
+def _not_a_record(raw: bytes) -> str:
+    """Why a progress line is not an answer record ("" when it is one)."""
+    if not raw.strip():
+        return "empty"
+    try:
+        rec = json.loads(raw)
+    except ValueError:
+        return "not JSON"
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    if not isinstance(rec.get("id"), str) or rec.get("mode") not in ("bare", "rag"):
+        return "no question id or mode"
+    return ""
 
 
 def _read_info(path: Path) -> dict:

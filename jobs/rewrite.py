@@ -16,7 +16,6 @@ answers in English whatever it is asked), so only profiles with a capable model 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections.abc import Sequence
@@ -78,7 +77,7 @@ class QueryRewriter:
             if q in self._done or not self.wanted(q):
                 continue
             prompt = self._prompt(q)
-            found = self.cache.get(self._key(prompt))
+            found = self.cache.get(self._key(prompt), prompt)
             if found is not None:
                 self._done[q] = found["text"]
                 self.seconds.setdefault(q, 0.0)
@@ -95,10 +94,8 @@ class QueryRewriter:
             text = clean(completion.text)
             self._done[q] = text
             self.seconds[q] = completion.seconds
-            self.cache.put(self._key(todo[q]), {"text": text, "seconds": completion.seconds,
-                                                "prompt": todo[q], "prompt_tokens": completion.prompt_tokens,
-                                                "answer_tokens": completion.answer_tokens,
-                                                "prompt_sha1": hashlib.sha1(todo[q].encode("utf-8")).hexdigest()})
+            self.cache.put(self._key(todo[q]), todo[q], text=text, seconds=completion.seconds,
+                           prompt_tokens=completion.prompt_tokens, answer_tokens=completion.answer_tokens)
 
     def translation(self, question: str) -> str:
         """The question in the other docs language ("" when none is wanted, or the model gave nothing usable)."""

@@ -137,6 +137,14 @@ def running(profile: Profile, port: int | None = None, parallel: int | None = No
 @contextlib.contextmanager
 def running_chroma(path: Path, port: int | None = None, log_path: Path | None = None) -> Iterator[str]:
     """`chroma run` (it ships in the chromadb wheel) on 127.0.0.1 with data in ``path``; yields its URL."""
+    with chroma_process(path, port, log_path) as (_, url):
+        yield url
+
+
+@contextlib.contextmanager
+def chroma_process(path: Path, port: int | None = None,
+                   log_path: Path | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``running_chroma``, yielding the server's process too (the tests kill it to lose the server mid-job)."""
     import sys
 
     import chromadb
@@ -160,19 +168,24 @@ def running_chroma(path: Path, port: int | None = None, log_path: Path | None = 
                 if time.monotonic() - started > 60:
                     raise JobError(f"chroma run on port {port} was not ready after 60s") from None
                 time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
+        yield proc, f"http://127.0.0.1:{port}"
     finally:
         stop(proc)
         if log_path:
             out.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--profile", default="offline-served")
     p.add_argument("--port", type=int, help="default: the port of the profile's [llm].base_url")
     p.add_argument("--parallel", type=int, help="slots (default: the profile's [serve].parallel)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     joblog.setup()
     profile = load_profile(args.profile, overrides_from_cli(args.set, {"serve.parallel": ("--parallel",

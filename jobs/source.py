@@ -23,6 +23,7 @@ from pathlib import Path
 
 from jobs.config import ROOT
 from jobs.errors import JobError
+from jobs.urls import redact, redact_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,7 +44,9 @@ class SourceSpec:
     location: str  # URL / repo path for git, folder path for folder
 
     def describe(self) -> str:
-        return f"{self.kind} {self.location}"
+        """For messages, logs and the store's build record: a URL without its credentials (git gets
+        ``location`` as it is)."""
+        return f"{self.kind} {redact(self.location)}"
 
 
 @dataclass(frozen=True)
@@ -155,7 +158,7 @@ def _git(args: list[str], cwd: Path | None, timeout_s: float) -> str:
     except FileNotFoundError:
         raise JobError("git is not installed") from None
     if out.returncode != 0:
-        msg = (out.stderr.strip().splitlines() or ["(no message)"])[-1]
+        msg = redact_text((out.stderr.strip().splitlines() or ["(no message)"])[-1])
         raise JobError(f"git {args[0]} failed: {msg}")
     return out.stdout.strip()
 
@@ -179,11 +182,11 @@ def _fetch_git(url: str, ref: str, cache_dir: Path, timeout_s: float) -> tuple[P
             _git(["fetch", "-q", "--depth", "1", "origin", ref], repo, timeout_s)
             have = _resolve_local(repo, "FETCH_HEAD", timeout_s)
         except JobError as exc:
-            log.info("shallow fetch of %s from %s refused (%s); fetching full history", ref, url, exc)
+            log.info("shallow fetch of %s from %s refused (%s); fetching full history", ref, redact(url), exc)
             _git(["fetch", "-q", "--tags", "origin", "+refs/heads/*:refs/remotes/origin/*"], repo, timeout_s)
             have = _resolve_local(repo, ref, timeout_s) or _resolve_local(repo, f"origin/{ref}", timeout_s)
         if have is None:
-            raise JobError(f"ref {ref} not found in {url}")
+            raise JobError(f"ref {ref} not found in {redact(url)}")
     _git(["checkout", "-q", "--force", "--detach", have], repo, timeout_s)
     _git(["clean", "-q", "-fdx"], repo, timeout_s)
     head = _git(["rev-parse", "HEAD"], repo, timeout_s)

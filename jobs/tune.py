@@ -314,7 +314,7 @@ def report(profile: Profile, question_sets: Sequence[Path], results: dict[Settin
     return "\n".join(lines), best
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--profile", default="offline")
     p.add_argument("--questions", type=Path, action="append",
@@ -326,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench/results")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     joblog.setup(args.verbose)
     profile = load_profile(args.profile, overrides_from_cli(args.set, {}))

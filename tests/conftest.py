@@ -16,6 +16,7 @@ os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 DATA = Path(__file__).parent / "data"
 MINI_CORPUS = DATA / "mini_corpus"
 MINI_QUESTIONS = DATA / "questions.csv"
+HEADER = "id,question,language,expected_keywords,expected_sources,category,notes\n"  # of a question CSV
 
 
 @pytest.fixture(scope="session")
@@ -206,3 +207,93 @@ class BackgroundEval:
             self.proc.kill()
             self.proc.wait()
         self._out.close()
+
+
+class FakeChatServer:
+    """An OpenAI-compatible chat server on 127.0.0.1 whose replies a test chooses: it answers the job's start-up
+    checks (``/v1/models`` and the one-token chat) like a healthy server, and every real request the way
+    ``mode`` says: ``ok``, ``http500``, ``html200`` (a proxy's error page with status 200), ``not-json``,
+    ``no-choices``, ``slow`` (no reply within the client's timeout). A real HTTP server, not a mock: the job's
+    HTTP client, retries and parsing all run."""
+
+    MODEL = "fake-chat"
+
+    def __init__(self, mode: str = "ok", answer: str = "Lumen trains models.", slow_s: float = 5.0) -> None:
+        import http.server
+        import threading
+
+        self.mode, self.answer, self.slow_s = mode, answer, slow_s
+        self.requests = 0  # real (non-probe) chat requests received
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                import json
+
+                if self.path.rstrip("/").endswith("/models"):
+                    self._send(200, json.dumps({"object": "list", "data": [
+                        {"id": server.MODEL, "object": "model", "owned_by": "fake"}]}).encode())
+                else:
+                    self._send(404, b"{}")
+
+            def do_POST(self) -> None:
+                import json
+                import time
+
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                probe = body.get("max_tokens") == 1
+                mode = "ok" if probe else server.mode
+                if not probe:
+                    server.requests += 1
+                reply = {"id": "x", "object": "chat.completion", "created": 0, "model": server.MODEL,
+                         "choices": [{"index": 0, "finish_reason": "stop",
+                                      "message": {"role": "assistant", "content": server.answer}}],
+                         "usage": {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14}}
+                if mode == "ok":
+                    self._send(200, json.dumps(reply).encode())
+                elif mode == "http500":
+                    self._send(500, b'{"error": {"message": "the model worker crashed"}}')
+                elif mode == "html200":
+                    self._send(200, b"<html><body><h1>502 Bad Gateway</h1>nginx</body></html>", "text/html")
+                elif mode == "not-json":
+                    self._send(200, b"upstream connect error or disconnect/reset before headers")
+                elif mode == "no-choices":
+                    self._send(200, json.dumps({**reply, "choices": []}).encode())
+                elif mode == "slow":
+                    time.sleep(server.slow_s)
+                    with contextlib.suppress(OSError):
+                        self._send(200, json.dumps(reply).encode())
+                else:
+                    self._send(400, b'{"error": {"message": "unknown test mode"}}')
+
+        import contextlib
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+@pytest.fixture
+def fake_chat_server():
+    server = FakeChatServer()
+    yield server
+    server.stop()

@@ -47,6 +47,13 @@ def test_overrides_are_typed():
     ({"eval.max_question_chars": "0"}, r"max_question_chars=0: must be between 1 and 100000"),
     ({"llm.stop_ids": "2,-1"}, r"stop_ids=\[2, -1\]: token ids are >= 0"),
     ({"retrieval.bm25_weight": "heavy"}, r"bm25_weight: expected a number, got 'heavy'"),
+    ({"store.url": "http://127.0.0.1:8000/chroma"},
+     r"\[store\]\.url='http://127\.0\.0\.1:8000/chroma': a path, query or fragment is not allowed .*"
+     r"expected http\(s\)://host:port, with an optional trailing /"),
+    ({"store.url": "http://127.0.0.1:8000?x=1"}, r"\[store\]\.url='http://127\.0\.0\.1:8000\?x=1': a path, query"),
+    ({"store.url": "http://127.0.0.1:8000/?x=1"}, r"\[store\]\.url=.*: a path, query or fragment is not allowed"),
+    ({"store.url": "ftp://127.0.0.1:8000"}, r"\[store\]\.url='ftp://127\.0\.0\.1:8000': expected http\(s\)://host:port"),
+    ({"store.url": "http://127.0.0.1:99999"}, r"\[store\]\.url='http://127\.0\.0\.1:99999': .*expected http\(s\)"),
 ])
 def test_bad_settings_name_the_setting(overrides, message):
     with pytest.raises(JobError, match=message):
@@ -108,3 +115,14 @@ def test_an_unset_flag_overrides_nothing_and_a_conflict_is_refused():
         overrides_from_cli(["chunking.size=200"], {"chunking.size": ("--chunk-size", 100)})
     with pytest.raises(JobError, match="given twice"):
         overrides_from_cli(["llm.seed=1", "llm.seed=2"], {})
+
+
+def test_store_url_is_a_server_root_without_credentials():
+    for url in ("http://127.0.0.1:8000", "http://127.0.0.1:8000/", "https://chroma.example.invalid"):
+        assert load_profile("offline", {"store.url": url}).store.url == url
+    with pytest.raises(JobError) as err:
+        load_profile("offline", {"store.url": "http://user:s3cret@127.0.0.1:8000"})
+    assert str(err.value) == (
+        "offline.toml [store].url='http://***@127.0.0.1:8000': a user or password in the URL is never sent (the "
+        "Chroma client takes host and port only): put the token in an environment variable and name that "
+        "variable in [store].auth_token_env")

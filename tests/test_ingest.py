@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -13,15 +15,21 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from jobs import ingest as ing
+from jobs import log as joblog
+from jobs import serve, stores
 from jobs.config import ROOT, load_profile
 from jobs.embedding import Embedder, load_embedder
 from jobs.errors import JobError
-from jobs.ingest import ingest
+from jobs.ingest import IngestSummary, ingest
 from jobs.lexical import BM25Index
 from jobs.retrieval import StoreRetriever
 from jobs.scoring.retrieval import file_ranking
+from jobs.source import Checkout, SourceSpec, fetch, load_manifest
 from jobs.stores import chroma
 from jobs.stores import embedded as st
+from jobs.stores import server as srv
+from jobs.urls import redact
 from tests.conftest import MINI_QUESTIONS, write_manifest, write_profile
 
 
@@ -312,3 +320,93 @@ def test_retrieval_modes_and_fusion(mini_profile, minilm_embedder):
 
 def _rank(files: list[str], path: str) -> int:
     return files.index(path) if path in files else 99
+
+
+@contextlib.contextmanager
+def immutable(path: Path):
+    """``path`` made immutable (chattr +i: root cannot write it either, unlike chmod), and always made mutable
+    again."""
+    try:
+        subprocess.run(["chattr", "+i", str(path)], check=True, capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("chattr is not installed: no way to make a folder read-only for root here")
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"chattr +i is not permitted here ({exc.stderr.strip()}): no way to make a folder read-only "
+                    "for root")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=False)
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """Every path under ``folder`` with its mode, size and modification time (symlinks as links)."""
+    out = {}
+    for path in [folder, *folder.rglob("*")]:
+        st_ = path.lstat()
+        out[path.relative_to(folder).as_posix()] = (st_.st_mode, st_.st_size, st_.st_mtime_ns)
+    return out
+
+
+def test_a_read_only_store_is_one_line_exit_2_and_nothing_is_written(mini_profile, minilm_embedder, corpus_dir,
+                                                                     tmp_path, capsys):
+    store = mini_profile.store.path
+    args = ["--profile", str(tmp_path / "profile.toml")]
+
+    def refused(named: Path) -> None:
+        with pytest.raises(SystemExit) as exited:
+            joblog.run_cli(ing.main, args)
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert exited.value.code == 2 and "Traceback" not in err and len(errors) == 1, err
+        assert errors[0].startswith(f"error: store {store} cannot be written: {named} is read-only ")
+
+    # An empty folder made for the store (as an admin or a read-only volume mount would leave it).
+    store.mkdir(parents=True)
+    with immutable(store):
+        refused(store)
+    assert list(store.iterdir()) == []
+
+    # A store with a live generation and a change to ingest: its folder, its generations' folder or its lock file
+    # read-only is refused before anything is locked, embedded or written.
+    ingest(mini_profile, embedder=minilm_embedder)
+    (corpus_dir / "docs/en/new.md").write_text("# New\n\n" + "A page added since the last ingest. " * 10,
+                                               encoding="utf-8")
+    before = _tree(store)
+    for path in (store, st.gens_dir(store), st.lock_path(store)):
+        with immutable(path):
+            refused(path)
+        assert _tree(store) == before
+    assert ingest(mini_profile, embedder=minilm_embedder).added > 0  # writable again: it goes ahead
+
+
+def test_credentials_in_urls_are_never_recorded_or_shown(mini_profile, minilm_embedder, tmp_path):
+    secret_url = "https://user:s3cret@example.invalid/x.git"
+    assert redact(secret_url) == "https://***@example.invalid/x.git"
+    assert redact("http://h:8000/x.git?token=t0k&ref=main") == "http://h:8000/x.git?token=***&ref=main"
+    assert redact("/plain/folder") == "/plain/folder"
+
+    # The corpus URL and the source used, as the build record and the logs hold them; git gets the real URL.
+    spec = SourceSpec("git", secret_url)
+    assert spec.describe() == "git https://***@example.invalid/x.git" and spec.location == secret_url
+    checkout = Checkout(root=tmp_path, commit="0" * 40, source=spec, fell_back=False, files=())
+    info = ing.build_info(mini_profile, minilm_embedder, checkout, secret_url + "?token=t0k", IngestSummary())
+    assert info["corpus_url"] == "https://***@example.invalid/x.git?token=***"
+    assert info["corpus_source"] == "git https://***@example.invalid/x.git"
+    assert "s3cret" not in json.dumps(info) and "t0k" not in json.dumps(info)
+    # A git source that fails: what was tried is named without its password (nothing listens on the port).
+    port = serve.free_port()
+    manifest = write_manifest(tmp_path / "secret.toml", ref="main",
+                              sources=[("git", f"http://user:s3cret@127.0.0.1:{port}/x.git")])
+    with pytest.raises(JobError) as err:
+        fetch(load_manifest(manifest), tmp_path / "cache", timeout_s=30)
+    assert f"git http://***@127.0.0.1:{port}/x.git" in str(err.value) and "s3cret" not in str(err.value)
+
+    # The store's URL in messages (the profile refuses a password in it; a hand-made one still never shows).
+    on_server = dataclasses.replace(mini_profile, store=dataclasses.replace(
+        mini_profile.store, url=f"http://user:s3cret@127.0.0.1:{port}"))
+    assert stores.describe(on_server).startswith(f"http://***@127.0.0.1:{port} (")
+    with pytest.raises(JobError) as err:
+        srv.connect(on_server)
+    assert f"cannot reach the Chroma server at http://***@127.0.0.1:{port}" in str(err.value)
+    assert "s3cret" not in str(err.value)

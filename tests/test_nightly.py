@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from jobs import eval as ev
+from jobs.cache import GenerationCache
 from jobs.config import load_profile
 from jobs.ingest import ingest
 from jobs.llm.huggingface import ChatLLM
@@ -47,12 +48,15 @@ def model_calls(monkeypatch):
 
 
 def set_cached_answer(profile, run, qid: str, mode: str, text: str) -> None:
-    """Rewrite the cache entry behind one answer of `run` (found by its prompt's hash)."""
+    """Store another answer behind one answer of `run` (found by its prompt's hash), as the cache writes one:
+    the next run reads it as that prompt's answer (an entry edited by hand would be refused)."""
     rec = pd.read_csv(run.path / "results.csv").set_index(["id", "mode"]).loc[(qid, mode)]
-    for path in (profile.paths.cache / "generations").rglob("*.json"):
+    root = profile.paths.cache / "generations"
+    for path in root.rglob("*.json"):
         entry = json.loads(path.read_text(encoding="utf-8"))
         if entry["prompt_sha1"] == rec["prompt_sha1"]:
-            path.write_text(json.dumps({**entry, "text": text}), encoding="utf-8")
+            GenerationCache(root).put(path.stem, entry["prompt"], text=text, prompt_tokens=entry["prompt_tokens"],
+                                      answer_tokens=entry["answer_tokens"], seconds=entry["seconds"])
             return
     raise AssertionError(f"no cache entry for {qid}/{mode}")
 

@@ -4,8 +4,11 @@ incremental ingest, atomic publish, crash safety and retrieval as the embedded s
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -110,17 +113,22 @@ def test_server_and_embedded_stores_retrieve_the_same(server_profile, minilm_emb
             embedded, MINI_QUESTIONS, minilm_embedder, mode)
 
 
-def test_kill_9_while_writing_keeps_the_old_generation_live(server_profile, corpus_dir, minilm_embedder):
-    profile = load_profile(str(server_profile))
-    ingest(profile, embedder=minilm_embedder)
-    live = _live(profile)
-    for i in range(25):
+def _add_pages(corpus_dir: Path, n: int) -> None:
+    for i in range(n):
         (corpus_dir / f"docs/en/page{i}.md").write_text(
             f"# Page {i}\n\n" + " ".join(f"Sentence {j} of page {i} about topic {i * j}." for j in range(60)),
             encoding="utf-8")
+
+
+def test_kill_9_while_writing_keeps_the_old_generation_live(server_profile, corpus_dir, minilm_embedder, caplog):
+    # A lease far longer than the test: the next ingest goes ahead because its holder is dead, not expired.
+    profile = load_profile(str(server_profile), {"store.lease_s": 600})
+    ingest(profile, embedder=minilm_embedder)
+    live = _live(profile)
+    _add_pages(corpus_dir, 25)
     log = open(Path(server_profile).parent / "ingest.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.ingest", "--profile", str(server_profile)], cwd=ROOT,
-                            stdout=log, stderr=log)
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.ingest", "--profile", str(server_profile),
+                             "--set", "store.lease_s=600"], cwd=ROOT, stdout=log, stderr=log)
     started = time.monotonic()
     while proc.poll() is None and time.monotonic() - started < 240:
         building = [g for g in _generations(profile) if g != live]
@@ -136,13 +144,13 @@ def test_kill_9_while_writing_keeps_the_old_generation_live(server_profile, corp
         assert r.generation == live and r.retrieve("learning rate", 3)
     assert len(_generations(profile)) == 2  # the leftover of the killed ingest
 
-    # Its lease is still held until it expires (store.lease_s = 30 s): the next ingest waits it out.
-    with pytest.raises(JobError, match="being written by another ingest"):
-        ingest(profile, embedder=minilm_embedder)
+    # Its lease would hold for 10 minutes, but its holder ran on this host and is gone: taken over at once.
     meta = srv._pointer_meta(_client(profile), profile.store.collection)
-    time.sleep(max(0.0, float(meta["lease_expires"]) - time.time()) + 0.5)
-    done = ingest(profile, embedder=minilm_embedder)
+    assert meta["lease_holder"] == f"{socket.gethostname()}:{proc.pid}" and float(meta["lease_expires"]) > time.time()
+    with caplog.at_level(logging.WARNING, logger="jobs.stores.server"):
+        done = ingest(profile, embedder=minilm_embedder)
     assert done.wrote and done.added > 0
+    assert f"taking over the lease of {socket.gethostname()}:{proc.pid} at once" in caplog.text
     assert set(_generations(profile)) == {live, _live(profile)}  # the leftover was removed, the previous kept
 
 
@@ -174,6 +182,78 @@ def test_an_eval_sees_one_generation_while_ingests_publish(tmp_path, corpus_dir,
     assert json.loads((run / "summary.json").read_text(encoding="utf-8"))["run"]["store_generation"] == first
     ingest(profile, embedder=minilm_embedder)  # the reader's lease is gone: collected now
     assert first not in _generations(profile)
+
+
+def test_losing_the_server_mid_ingest_is_one_line_exit_4_and_stops_at_once(tmp_path, corpus_dir, minilm_path,
+                                                                          tiny_llm):
+    _add_pages(corpus_dir, 8)
+    with serve.chroma_process(tmp_path / "db", log_path=tmp_path / "server.log") as (server, url):
+        path = make_server_profile(tmp_path, corpus_dir, minilm_path, tiny_llm, url)
+        out, err = tmp_path / "ingest.out", tmp_path / "ingest.err"
+        # Small batches: the embedding takes long enough that the kill lands in the middle of it.
+        with open(out, "wb") as fout, open(err, "wb") as ferr:
+            proc = subprocess.Popen([sys.executable, "-m", "jobs.ingest", "--profile", str(path), "-v",
+                                     "--set", "embedder.batch_size=2"], cwd=ROOT, stdout=fout, stderr=ferr)
+        try:
+            started = time.monotonic()
+            while proc.poll() is None and b"Generating embeddings" not in err.read_bytes() \
+                    and time.monotonic() - started < 240:
+                time.sleep(0.02)
+            assert proc.poll() is None, "the ingest ended before the server could be killed:\n" + err.read_text()
+            server.send_signal(signal.SIGKILL)
+            server.wait()
+            killed = time.monotonic()
+            code = proc.wait(timeout=120)
+            stopped_in = time.monotonic() - killed
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    stderr = err.read_text(encoding="utf-8", errors="replace")
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 4 and "Traceback" not in stderr, stderr[-3000:]
+    assert len(errors) == 1, stderr[-3000:]
+    assert errors[0].startswith(f"error: lost the Chroma server at {url} during the ingest (")
+    assert "nothing was published, the store is as it was; run the ingest again" in errors[0]
+    # Noticed at the next slice of the embedding, not after all of it.
+    done, total = map(int, re.findall(r"embedded (\d+) of (\d+) chunks", stderr)[-1])
+    assert done < total and stopped_in < 60
+
+
+def test_a_lease_held_elsewhere_is_waited_for_and_break_lease_clears_it(server_profile, minilm_embedder, capsys):
+    profile = load_profile(str(server_profile), {"store.lease_s": 600})
+    args = ["--profile", str(server_profile), "--set", "store.lease_s=600", "--break-lease"]
+    assert ing.main(args) == 0
+    assert capsys.readouterr().out.startswith("no lease is held on Chroma server http://127.0.0.1:")
+
+    # An ingest on another host (or one whose liveness this host cannot check): its lease is waited for ...
+    client = _client(profile)
+    pointer = srv.ServerWriter(profile, client).pointer
+    theirs = {"lease_holder": "elsewhere:4242", "lease_token": "theirs", "lease_host": "another-boot:1",
+              "lease_expires": time.time() + 600}
+    pointer.modify(metadata={**srv._pointer_meta(client, profile.store.collection), **theirs})
+    with pytest.raises(JobError, match=r"being written by another ingest \(elsewhere:4242, lease until .*break-lease"):
+        ingest(profile, embedder=minilm_embedder)
+    # ... until an operator breaks it.
+    assert ing.main(args) == 0
+    assert re.match(r"broke the lease of elsewhere:4242 on Chroma server .* \(held until ", capsys.readouterr().out)
+    assert ingest(profile, embedder=minilm_embedder).wrote
+
+    # An ingest alive on this host: refused unless --force; the broken ingest stops at its next check.
+    holder = f"{socket.gethostname()}:{os.getpid()}"
+    with srv.writer(profile) as running:
+        with pytest.raises(JobError, match=rf"held by {holder}, an ingest alive on this host .*--force"):
+            ing.main(args)
+        assert ing.main([*args, "--force"]) == 0
+        assert capsys.readouterr().out.startswith(f"broke the lease of {holder} on ")
+        running.renew()  # its heartbeat finds the lease gone and marks it unhealthy: the next check stops it
+        with pytest.raises(JobError, match="this ingest lost its lease to nobody .*nothing was published"):
+            running.check_healthy()
+
+    with pytest.raises(JobError, match=r"--break-lease: store .* is a folder store"):
+        ing.main(["--profile", str(server_profile), "--set", "store.url=", "--break-lease"])
+    with pytest.raises(JobError, match="--force only goes with --break-lease"):
+        ing.main(["--profile", str(server_profile), "--force"])
 
 
 def test_second_concurrent_ingest_is_refused(server_profile, minilm_embedder):

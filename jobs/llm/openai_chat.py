@@ -13,6 +13,7 @@ server that stops answering altogether stops the run, keeping every answer so fa
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import httpx
 from jobs.config import LLMConfig, Profile
 from jobs.errors import JobError
 from jobs.llm.base import Completion, OnResult, ServerLost, defuse_control_tokens
+from jobs.urls import redact, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -42,44 +44,45 @@ def api_key(cfg: LLMConfig) -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+    return redact_text(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": "))
 
 
 def probe(cfg: LLMConfig, key: str) -> dict:
     """The server's entry for the configured model, after checking it is up, serves it, and takes the key.
     Every failure is one line naming the URL."""
     url = cfg.base_url.rstrip("/")
+    shown = redact(url)  # what messages say: never the credentials a URL may carry
     headers = {"Authorization": f"Bearer {key}"}
     try:
         with httpx.Client(timeout=min(cfg.timeout_s, 30.0)) as client:
             listed = client.get(f"{url}/models", headers=headers)
             if listed.status_code in (401, 403):
-                raise JobError(f"model server {url} refused the API key (HTTP {listed.status_code}): "
+                raise JobError(f"model server {shown} refused the API key (HTTP {listed.status_code}): "
                                f"check ${cfg.api_key_env or '(no api_key_env set)'}")
             if listed.status_code != 200:
-                raise JobError(f"model server {url}: GET /models answered HTTP {listed.status_code}")
+                raise JobError(f"model server {shown}: GET /models answered HTTP {listed.status_code}")
             models = listed.json().get("data") or []
             entry = next((m for m in models if cfg.model == m.get("id") or cfg.model in (m.get("aliases") or [])),
                          None)
             if entry is None:
                 served = ", ".join(str(m.get("id")) for m in models) or "nothing"
-                raise JobError(f"model server {url} does not serve {cfg.model!r} (it serves: {served}); "
+                raise JobError(f"model server {shown} does not serve {cfg.model!r} (it serves: {served}); "
                                "set [llm].model to the served name")
             # Listing models needs no key on some servers (llama.cpp): one token of chat checks the key too.
             tried = client.post(f"{url}/chat/completions", headers=headers, json={
                 "model": cfg.model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1,
                 "temperature": 0})
             if tried.status_code in (401, 403):
-                raise JobError(f"model server {url} refused the API key (HTTP {tried.status_code}): "
+                raise JobError(f"model server {shown} refused the API key (HTTP {tried.status_code}): "
                                f"check ${cfg.api_key_env or '(no api_key_env set)'}")
             if tried.status_code != 200:
-                raise JobError(f"model server {url}: a one-token chat request answered HTTP {tried.status_code}: "
+                raise JobError(f"model server {shown}: a one-token chat request answered HTTP {tried.status_code}: "
                                f"{tried.text[:200]}")
     except httpx.HTTPError as exc:
-        raise JobError(f"cannot reach the model server at {url} ({_describe(exc)}): is it running? "
+        raise JobError(f"cannot reach the model server at {shown} ({_describe(exc)}): is it running? "
                        "(`make serve-llm PROFILE=...` starts the local one)") from None
     except ValueError as exc:
-        raise JobError(f"model server {url}: GET /models did not return JSON ({exc})") from None
+        raise JobError(f"model server {shown}: GET /models did not return JSON ({exc})") from None
     return {k: v for k, v in entry.items() if k not in _VOLATILE}
 
 
@@ -136,7 +139,8 @@ class ServedLLM:
 
         # Our own HTTP client, closed inside this loop (the SDK's own would be collected after it closed).
         http = httpx.AsyncClient(timeout=self.cfg.timeout_s,
-                                 limits=httpx.Limits(max_connections=self.cfg.concurrency * 2))
+                                 limits=httpx.Limits(max_connections=self.cfg.concurrency * 2),
+                                 event_hooks={"response": [_remember_reply]})
         llm = self._client(http, presence_penalty)
         out: list[Completion | None] = [None] * len(prompts)
         gate = asyncio.Semaphore(self.cfg.concurrency)
@@ -144,17 +148,23 @@ class ServedLLM:
         async def one(i: int) -> None:
             async with gate:
                 started = time.perf_counter()
+                attempts = [0]
                 try:
-                    completion = await self._ask(llm, prompts[i], started)
+                    completion = await self._ask(llm, prompts[i], started, attempts)
+                except openai.APITimeoutError:
+                    completion = self._failed(prompts[i], started, f"timed out: no reply within llm.timeout_s="
+                                              f"{self.cfg.timeout_s:g}s {_tries(attempts[0])}")
                 except openai.APIConnectionError as exc:
-                    if isinstance(exc, openai.APITimeoutError):
-                        completion = self._failed(prompts[i], started, f"timed out after {self.cfg.timeout_s:g}s "
-                                                  f"({self.cfg.max_retries} retries)")
-                    else:
-                        raise ServerLost(f"lost the model server at {self.cfg.base_url} ({_describe(exc)}) after "
-                                         f"{self.cfg.max_retries} retries") from None
+                    raise ServerLost(f"lost the model server at {redact(self.cfg.base_url)} ({_describe(exc)}; "
+                                     f"{_tries(attempts[0])})") from None
                 except openai.APIStatusError as exc:
-                    completion = self._failed(prompts[i], started, f"HTTP {exc.status_code}: {_server_message(exc)}")
+                    completion = self._failed(prompts[i], started, f"HTTP {exc.status_code}: {_server_message(exc)} "
+                                              f"{_tries(attempts[0])}")
+                except Exception as exc:  # noqa: BLE001 - any reply that is not a chat completion
+                    # A body that is not JSON (a proxy's HTML error page with status 200), no choices, no message:
+                    # one failed answer, like any other failed request, never the whole night.
+                    completion = self._failed(prompts[i], started, f"malformed reply from the server: "
+                                              f"{_LAST_REPLY.get() or 'no reply read'} ({_describe(exc)[:120]})")
             out[i] = completion
             if on_result is not None:
                 on_result(i, completion)
@@ -169,11 +179,18 @@ class ServedLLM:
             await http.aclose()
         return out  # type: ignore[return-value]
 
-    async def _ask(self, llm: Any, prompt: str, started: float) -> Completion:
+    async def _ask(self, llm: Any, prompt: str, started: float, attempts: list[int]) -> Completion:
         from llama_index.core.llms import ChatMessage
 
         messages = [ChatMessage(role=m["role"], content=m["content"]) for m in json.loads(prompt)]
-        response = await self._retry(llm.achat)(messages)
+
+        async def attempt() -> Any:
+            attempts[0] += 1  # counted here: what an error message says was tried is what was sent
+            return await llm.achat(messages)
+
+        response = await self._retry(attempt)()
+        if not isinstance(getattr(response.message, "content", None), (str, type(None))):
+            raise ValueError(f"the reply's message content is a {type(response.message.content).__name__}")
         usage = getattr(response.raw, "usage", None)
         extra = getattr(response.raw, "model_extra", None) or {}
         return Completion(text=(response.message.content or "").strip(), prompt=prompt,
@@ -194,13 +211,30 @@ class ServedLLM:
     def identity(self) -> dict[str, str | int | float | bool]:
         meta = self.served.get("meta") or {}
         described = ", ".join(f"{k} {meta[k]}" for k in ("n_params", "ftype", "n_ctx") if k in meta)
-        return {"llm": self.cfg.model, "llm_backend": f"openai ({self.cfg.base_url}, {self.cfg.concurrency} in flight)",
+        return {"llm": self.cfg.model,
+                "llm_backend": f"openai ({redact(self.cfg.base_url)}, {self.cfg.concurrency} in flight)",
                 "llm_server_model": f"{self.served.get('id')} (owned by {self.served.get('owned_by', '?')}"
                                     + (f"; {described})" if described else ")"),
                 "max_new_tokens": self.cfg.max_new_tokens, "do_sample": False, "seed": self.cfg.seed}
 
     def close(self) -> None:
         pass
+
+
+# The last HTTP reply of the request in flight in this task (each request runs in its own task, and so has its
+# own context): what a malformed reply looked like, for its error message.
+_LAST_REPLY: contextvars.ContextVar[str] = contextvars.ContextVar("last_reply", default="")
+
+
+async def _remember_reply(response: httpx.Response) -> None:
+    await response.aread()
+    text = " ".join(response.text[:120].split())
+    _LAST_REPLY.set(f"HTTP {response.status_code} {response.headers.get('content-type', 'without a content type')}"
+                    f" {text!r}")
+
+
+def _tries(attempts: int) -> str:
+    return "(1 attempt, no retry)" if attempts <= 1 else f"(after {attempts} attempts)"
 
 
 def _server_message(exc: Any) -> str:
@@ -219,5 +253,5 @@ def load_openai(profile: Profile) -> ServedLLM:
         raise JobError(f"profile {profile.name!r} names no [llm].model (the served model name)")
     key = api_key(cfg)
     served = probe(cfg, key)
-    log.info("llm %s served at %s (%s)", cfg.model, cfg.base_url, served.get("owned_by", "?"))
+    log.info("llm %s served at %s (%s)", cfg.model, redact(cfg.base_url), served.get("owned_by", "?"))
     return ServedLLM(cfg, served, key)

@@ -59,10 +59,15 @@ def prepare(models_dir: Path, names: list[str]) -> list[Path]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("--profile", default="offline")
     p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     joblog.setup(args.verbose)
     profile = load_profile(args.profile)

@@ -119,10 +119,15 @@ def build(cache: Path) -> Path:
     return binary(cache)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.prepare.llama_server", description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, default=ROOT / ".cache")
     p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     joblog.setup(args.verbose)
     path = build(args.cache)

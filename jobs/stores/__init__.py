@@ -13,19 +13,22 @@ from __future__ import annotations
 import contextlib
 
 from jobs.config import Profile
+from jobs.errors import JobError
 from jobs.stores.base import Base, Generation, Reader, Writer
 from jobs.stores.chroma import DamagedStore
 
-__all__ = ["Base", "DamagedStore", "Generation", "Reader", "Writer", "describe", "open_reader", "open_writer"]
+__all__ = ["Base", "DamagedStore", "Generation", "Reader", "Writer", "break_lease", "describe", "open_reader",
+           "open_writer"]
 
 
 def describe(profile: Profile) -> str:
-    """Where the profile's store is, for messages."""
+    """Where the profile's store is, for messages (a URL without its credentials)."""
     from jobs.config import ROOT
+    from jobs.urls import redact
 
     s = profile.store
     if s.url:
-        return f"{s.url} ({s.tenant}/{s.database}, collection {s.collection})"
+        return f"{redact(s.url)} ({s.tenant}/{s.database}, collection {s.collection})"
     return str(s.path.relative_to(ROOT)) if s.path.is_relative_to(ROOT) else str(s.path)
 
 
@@ -49,3 +52,14 @@ def open_writer(profile: Profile) -> contextlib.AbstractContextManager[Writer]:
     from jobs.stores.embedded import writer as embedded_writer
 
     return embedded_writer(profile.store.path, profile.store.collection)
+
+
+def break_lease(profile: Profile, force: bool = False) -> str:
+    """Clear a server store's single-writer lease by hand (``python -m jobs.ingest --break-lease``)."""
+    if not profile.store.url:
+        raise JobError(f"--break-lease: store {describe(profile)} is a folder store: its lock is an flock that "
+                       "the OS releases when its holder dies, there is no lease to break (it is for a store on a "
+                       "Chroma server, --store-url)")
+    from jobs.stores.server import break_lease as server_break_lease
+
+    return server_break_lease(profile, force)

@@ -44,6 +44,12 @@ class Writer(Protocol):
         re-embedded)."""
         ...
 
+    def check_healthy(self) -> None:
+        """Raise the job's one-line error now if this writer can no longer publish (its server is gone, its
+        lease lost), so a long ingest stops instead of working for nothing; cheap enough to call between slices
+        of work. A no-op where nothing can be lost (the embedded store)."""
+        ...
+
     def publish(self, gen: Generation, info: dict, lexical: BM25Index) -> str:
         """Record the build info, keep the lexical index with the generation, make it live in one step,
         and collect generations nobody needs; returns the live generation's name."""

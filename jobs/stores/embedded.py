@@ -22,6 +22,7 @@ and garbage collection skips leased generations, so a publish can never delete w
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -100,12 +101,56 @@ def live_generation(store: Path) -> Path | None:
     return target if target.is_dir() else None
 
 
+# ---- write access ------------------------------------------------------------------------------
+
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _read_only(store: Path, path: Path | str, outcome: str = "nothing was published") -> JobError:
+    return JobError(f"store {store} cannot be written: {path} is read-only (a read-only mount, an immutable "
+                    f"folder or no permission), and an ingest needs write access to the store folder; {outcome}")
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(store: Path) -> None:
+    """Refuse, before anything is locked, embedded or written, a store this process cannot write: its folder
+    (the live link is swapped there), its generations' folder and its lock file (or, where they do not exist
+    yet, the folder they would be created in)."""
+    lay = layout(store)
+    for path in (lay.link.parent, lay.gens, lay.lock):
+        found = _nearest_existing(path)
+        if not os.access(found, os.W_OK):
+            raise _read_only(store, found, "nothing was written")
+
+
+@contextlib.contextmanager
+def _writes_to(store: Path) -> Iterator[None]:
+    """A read-only error on one of the store's own paths becomes the one line (what ``check_writable`` could
+    not see in advance: an ACL, a mount made read-only meanwhile); any other error passes unchanged."""
+    lay = layout(store)
+    parts = (lay.root, lay.link.parent, lay.gens, lay.lock)
+    try:
+        yield
+    except OSError as exc:
+        names = [Path(os.fsdecode(n)) for n in (exc.filename, exc.filename2) if n]
+        ours = [n for n in names if any(n == p or n.is_relative_to(p) for p in parts)]
+        if exc.errno in _READ_ONLY and ours:
+            raise _read_only(store, ours[0].parent if ours[0].name.startswith(".") else ours[0]) from None
+        raise
+
+
 @contextlib.contextmanager
 def ingest_lock(store: Path) -> Iterator[None]:
     """Refuse a second concurrent ingest of the same store. The OS drops the lock if we die."""
     path = layout(store).lock
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with _writes_to(store):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -315,10 +360,18 @@ def publish(store: Path, gen: Path) -> Path:
     final = gen.with_name(gen.name.removesuffix(".tmp"))
     os.replace(gen, final)
     tmp_link = lay.link.with_name(f".{lay.link.name}.link-{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        tmp_link.unlink()
-    os.symlink(os.path.relpath(final, lay.link.parent), tmp_link)
-    os.replace(tmp_link, lay.link)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_link.unlink()
+        os.symlink(os.path.relpath(final, lay.link.parent), tmp_link)
+        os.replace(tmp_link, lay.link)
+    except BaseException:
+        # Not live: back to a working copy, which the writer removes (never a finished-looking orphan).
+        with contextlib.suppress(OSError):
+            tmp_link.unlink()
+        with contextlib.suppress(OSError):
+            os.replace(final, gen)
+        raise
     _fsync_dir(lay.link.parent)
     return final
 
@@ -476,6 +529,9 @@ class EmbeddedWriter:
             self._opened = create_collection(self._folder, self.name)
         return Generation(self._folder.name, self._opened.collection)
 
+    def check_healthy(self) -> None:
+        """Nothing to lose mid-ingest: the store is a folder on this machine, its lock held by this process."""
+
     def publish(self, gen: Generation, info: dict, lexical) -> str:  # noqa: ANN001 - BM25Index
         from jobs.stores.chroma import build_metadata
 
@@ -500,7 +556,8 @@ class EmbeddedWriter:
 
 @contextlib.contextmanager
 def writer(store: Path, collection: str) -> Iterator[EmbeddedWriter]:
-    with ingest_lock(store):
+    check_writable(store)
+    with ingest_lock(store), _writes_to(store):
         collect_garbage(store)
         w = EmbeddedWriter(store, collection)
         try:

@@ -14,13 +14,21 @@ Readers resolve the pointer once and hold a lease on that generation until they 
 two generations, and garbage collection (under the writer's lease) deletes only generations that are
 neither live, previous, nor leased, and the leftovers of killed ingests.
 
-The single-writer lease: an ingest takes it when it is free or expired, waits a moment and reads it back to
-be sure it won (two ingests racing both read the same winner), renews it every ``lease_s``/3 while it runs,
-and checks it again just before publishing. Guaranteed: two ingests never both write one store unless one
-of them stalls for longer than ``lease_s`` (then the other takes over, and the stalled one finds out at its
-next check, at the latest before its publish). Not guaranteed: Chroma has no compare-and-swap, so a writer
-paused between its last check and the pointer write could still publish over a newer one; expiry compares
-the writers' wall clocks (keep them in sync). Readers need write access too: their leases are collections.
+The single-writer lease: an ingest takes it when it is free or expired (or at once when its holder was an
+ingest on this very host, same host name, boot and PID namespace, whose process is gone: a killed ingest does
+not block the next one for ``lease_s``), waits a moment and reads it back to be sure it won (two ingests racing
+both read the same winner), renews it every ``lease_s``/3 while it runs, and checks it again just before
+publishing. ``break_lease`` (``python -m jobs.ingest --break-lease``) lets an operator clear it by hand.
+Guaranteed: two ingests never both write one store unless one of them stalls for longer than ``lease_s`` (then
+the other takes over, and the stalled one finds out at its next check, at the latest before its publish), or
+its lease is broken by hand. Not guaranteed: Chroma has no compare-and-swap, so a writer paused between its
+last check and the pointer write could still publish over a newer one; expiry compares the writers' wall
+clocks (keep them in sync). Readers need write access too: their leases are collections.
+
+Losing the server mid-ingest: a failed renewal marks the writer unhealthy; the ingest checks the writer between
+slices of its embedding (``check_healthy``: the server answers and the lease is still ours), and a connection
+error of any call to the server becomes one line (exit 4, ``EXIT_STOPPED``): nothing was published, the live
+generation is as it was, run the ingest again.
 
 The BM25 index has no folder beside the vectors here. It is rebuilt from the generation's documents on a
 machine's first use and cached under ``.cache/lexical/<server>/<generation>/``: a generation never changes
@@ -43,9 +51,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import chromadb
+import httpx
 
 from jobs.config import Profile
-from jobs.errors import JobError
+from jobs.errors import EXIT_STOPPED, JobError
+from jobs.files import pid_alive
 from jobs.stores.base import Base, Generation
 from jobs.stores.chroma import (
     HNSW,
@@ -55,10 +65,10 @@ from jobs.stores.chroma import (
     check_collection,
     chunk_texts,
     client_settings,
-    get_collection,
     pages,
     read_build_info,
 )
+from jobs.urls import redact, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +76,34 @@ POINTER = "__live"
 GENERATION = "__g"
 READER = "__r"
 _SETTLE_S = 0.5  # between writing the lease and reading it back: two racing writers see the same winner
+_CHECK_EVERY_S = 1.0  # check_healthy asks the server at most this often (one small GET)
+# What a dead or unreachable server raises from any call (refused, reset, cut off mid-answer, timed out).
+LOST = (httpx.TransportError,)
 
 
 def _url(profile: Profile) -> str:
-    return profile.store.url.rstrip("/")
+    """The server's URL as messages and logs show it: never with credentials."""
+    return redact(profile.store.url.rstrip("/"))
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return redact_text(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
+def lost_server(profile: Profile, exc: BaseException) -> JobError:
+    """The one line for a server that went away during an ingest (exit 4: stopped half-way, run it again)."""
+    return JobError(f"lost the Chroma server at {_url(profile)} during the ingest ({_reason(exc)}): nothing was "
+                    "published, the store is as it was; run the ingest again", exit_code=EXIT_STOPPED)
+
+
+@contextlib.contextmanager
+def _server_calls(profile: Profile) -> Iterator[None]:
+    """Connection errors of the server calls inside become ``lost_server``'s one line."""
+    try:
+        yield
+    except LOST as exc:
+        raise lost_server(profile, exc) from None
 
 
 def connect(profile: Profile) -> chromadb.ClientAPI:
@@ -95,10 +129,11 @@ def connect(profile: Profile) -> chromadb.ClientAPI:
 
 
 def _explain(exc: BaseException, where: str, profile: Profile) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = redact_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     lowered = text.lower()
     if "could not connect" in lowered or "connect" in type(exc).__name__.lower():
-        return f"cannot reach the Chroma server at {_url(profile)}: is it running? (`make serve-store` starts a local one)"
+        return (f"cannot reach the Chroma server at {_url(profile)}: is it running? (`make serve-store` starts a "
+                "local one)")
     if "tenant" in lowered and "not found" in lowered:
         return f"{where} has no tenant {profile.store.tenant!r} ({text})"
     if "database" in lowered and "not found" in lowered:
@@ -109,8 +144,11 @@ def _explain(exc: BaseException, where: str, profile: Profile) -> str:
 
 
 def _collection(client: chromadb.ClientAPI, name: str) -> chromadb.Collection | None:
+    """The collection, or None when the server has none of that name (a server that does not answer raises)."""
     try:
         return client.get_collection(name=name, embedding_function=None)
+    except LOST:
+        raise
     except Exception:  # noqa: BLE001 - NotFoundError, or ValueError on older servers
         return None
 
@@ -125,19 +163,22 @@ def _iso(t: float) -> str:
 
 
 class _Heartbeat:
-    """Calls ``beat`` every ``every_s`` seconds on a daemon thread until stopped."""
+    """Calls ``beat`` every ``every_s`` seconds on a daemon thread until stopped; a beat that fails is logged
+    and handed to ``failed`` (the writer then checks the server at once)."""
 
-    def __init__(self, every_s: float, beat) -> None:  # noqa: ANN001
+    def __init__(self, every_s: float, beat, failed=None) -> None:  # noqa: ANN001
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(every_s, beat), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(every_s, beat, failed), daemon=True)
         self._thread.start()
 
-    def _run(self, every_s: float, beat) -> None:  # noqa: ANN001
+    def _run(self, every_s: float, beat, failed) -> None:  # noqa: ANN001
         while not self._stop.wait(every_s):
             try:
                 beat()
             except Exception as exc:  # noqa: BLE001 - a missed beat is retried; the lease is checked before use
-                log.warning("lease renewal failed: %s", exc)
+                log.warning("lease renewal failed: %s", _reason(exc))
+                if failed is not None:
+                    failed(exc)
 
     def stop(self) -> None:
         self._stop.set()
@@ -157,6 +198,10 @@ class ServerReader:
         self._beat: _Heartbeat | None = None
         try:
             self._open()
+        except LOST as exc:
+            self.close()
+            raise JobError(f"lost the Chroma server at {_url(profile)} while opening the store ({_reason(exc)})") \
+                from None
         except BaseException:
             self.close()
             raise
@@ -212,7 +257,7 @@ class ServerReader:
 
 def _cache_dir(profile: Profile, generation: str) -> Path:
     s = profile.store
-    server = hashlib.sha1(f"{_url(profile)}|{s.tenant}|{s.database}".encode()).hexdigest()[:12]
+    server = hashlib.sha1(f"{s.url.rstrip('/')}|{s.tenant}|{s.database}".encode()).hexdigest()[:12]
     return profile.paths.cache / LEXICAL / server / generation
 
 
@@ -256,6 +301,32 @@ def cache_lexical(profile: Profile, generation: str, index, publish_folder=None)
 
 # ---- the writer --------------------------------------------------------------------------------
 
+def _host_id() -> str:
+    """This machine's boot and PID namespace: a pid recorded under the same host name and host id is one this
+    process can check (two containers may share a host name, never a PID namespace)."""
+    parts = []
+    for read in (lambda: Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip(),
+                 lambda: str(os.stat("/proc/self/ns/pid").st_ino)):
+        try:
+            parts.append(read())
+        except OSError:
+            parts.append("")
+    return ":".join(parts)
+
+
+def _local_pid(meta: dict) -> int | None:
+    """The lease holder's pid when it was a process of this host (and PID namespace), else None."""
+    host, _, pid = str(meta.get("lease_holder") or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or str(meta.get("lease_host") or "") != _host_id():
+        return None
+    return int(pid)
+
+
+def _dead_local_holder(meta: dict) -> bool:
+    pid = _local_pid(meta)
+    return pid is not None and pid != os.getpid() and not pid_alive(pid)
+
+
 class ServerWriter:
     def __init__(self, profile: Profile, client: chromadb.ClientAPI) -> None:
         self.profile, self.client, self.name = profile, client, profile.store.collection
@@ -265,6 +336,8 @@ class ServerWriter:
         self._building: str | None = None
         self._lock = threading.Lock()  # the heartbeat and the publish both write the pointer
         self._beat: _Heartbeat | None = None
+        self._missed: BaseException | None = None  # the heartbeat's last failure, until a check clears it
+        self._checked = 0.0
         self.pointer = _collection(client, self.name + POINTER) or self._create_pointer()
 
     def _create_pointer(self) -> chromadb.Collection:
@@ -272,6 +345,8 @@ class ServerWriter:
         try:
             return self.client.create_collection(self.name + POINTER, embedding_function=None,
                                                  metadata={"live": "", "previous": ""})
+        except LOST:
+            raise
         except Exception:  # noqa: BLE001 - another ingest created it first
             found = _collection(self.client, self.name + POINTER)
             if found is None:
@@ -287,33 +362,60 @@ class ServerWriter:
         now = time.time()
         held = meta.get("lease_token") and float(meta.get("lease_expires") or 0) > now
         if held and meta.get("lease_token") != self.token:
-            raise JobError(f"{self.where} is being written by another ingest ({meta.get('lease_holder')}, lease "
-                           f"until {_iso(float(meta['lease_expires']))}); try again later")
-        if meta.get("lease_token"):
+            if _dead_local_holder(meta):
+                log.warning("taking over the lease of %s at once: that ingest ran on this host and its process is "
+                            "gone (the lease would have held until %s)", meta.get("lease_holder"),
+                            _iso(float(meta["lease_expires"])))
+            else:
+                raise JobError(f"{self.where} is being written by another ingest ({meta.get('lease_holder')}, lease "
+                               f"until {_iso(float(meta['lease_expires']))}); try again later, or break the lease "
+                               "with `python -m jobs.ingest --break-lease` if that ingest is gone")
+        elif meta.get("lease_token"):
             log.warning("taking over the expired lease of %s (expired %s)", meta.get("lease_holder"),
                         _iso(float(meta.get("lease_expires") or 0)))
         self._write_lease(meta)
         time.sleep(_SETTLE_S)
         if self._meta().get("lease_token") != self.token:
             raise JobError(f"{self.where}: another ingest took the lease at the same moment; try again later")
-        self._beat = _Heartbeat(self.profile.store.lease_s / 3, self.renew)
+        self._checked = time.monotonic()
+        self._beat = _Heartbeat(self.profile.store.lease_s / 3, self.renew, self._missed_beat)
 
     def _write_lease(self, meta: dict, **changes: object) -> None:
         with self._lock:
             self.pointer.modify(metadata={**meta, "lease_holder": self.holder, "lease_token": self.token,
+                                          "lease_host": _host_id(),
                                           "lease_expires": time.time() + self.profile.store.lease_s, **changes})
 
     def renew(self) -> None:
         meta = self._meta()
         if meta.get("lease_token") == self.token:
             self._write_lease(meta)
+        else:  # taken over or broken: the ingest stops at its next check
+            self._missed_beat(JobError("the lease is no longer this ingest's"))
+
+    def _missed_beat(self, exc: BaseException) -> None:
+        self._missed = exc
 
     def _check_lease(self) -> dict:
         meta = self._meta()
         if meta.get("lease_token") != self.token:
-            raise JobError(f"{self.where}: this ingest lost its lease to {meta.get('lease_holder')} (it stalled for "
-                           "longer than store.lease_s?); nothing was published")
+            by = meta.get("lease_holder") or "nobody (it was broken with --break-lease?)"
+            raise JobError(f"{self.where}: this ingest lost its lease to {by} (it stalled for longer than "
+                           "store.lease_s, or the lease was broken); nothing was published")
         return meta
+
+    def check_healthy(self) -> None:
+        """Raise the one-line error at once when the server is gone or the lease lost (asks the server at most
+        every ``_CHECK_EVERY_S``, and right after a failed renewal)."""
+        if self._missed is None and time.monotonic() - self._checked < _CHECK_EVERY_S:
+            return
+        with _server_calls(self.profile):
+            self._check_lease()
+            if self._missed is not None:  # the renewal failed, but the server answers again: renew now
+                log.info("the Chroma server answers again after a failed lease renewal")
+                self._missed = None
+                self.renew()
+        self._checked = time.monotonic()
 
     def release(self) -> None:
         if self._beat is not None:
@@ -336,6 +438,8 @@ class ServerWriter:
             info = read_build_info(coll)
             try:
                 check_collection(coll, info, f"generation {name}")
+            except LOST:
+                raise
             except Exception as exc:  # noqa: BLE001
                 log.warning("%s generation %s is not sound (%s); trying the previous one", key, name, exc)
                 continue
@@ -368,9 +472,20 @@ class ServerWriter:
         cache_lexical(self.profile, gen.name, lexical)
         meta = self._check_lease()
         live = str(meta.get("live") or "")
-        self._write_lease(meta, live=gen.name, previous=live)  # the one write that publishes
+        # From here the generation may be live: a failure must not delete it (if the pointer write did not
+        # land, the next ingest collects it as a leftover).
         self._building = None
-        self.collect_garbage()
+        try:
+            self._write_lease(meta, live=gen.name, previous=live)  # the one write that publishes
+        except LOST as exc:
+            raise JobError(f"lost the Chroma server at {_url(self.profile)} while publishing {gen.name} "
+                           f"({_reason(exc)}): it may or may not be live; run the ingest again (it publishes "
+                           "nothing more if it is)", exit_code=EXIT_STOPPED) from None
+        try:
+            self.collect_garbage()
+        except Exception as exc:  # noqa: BLE001 - published: what is left over, the next ingest collects
+            log.warning("published %s, but could not collect old generations (%s): the next ingest will",
+                        gen.name, _reason(exc))
         return gen.name
 
     def collect_garbage(self) -> int:
@@ -408,11 +523,40 @@ class ServerWriter:
 
 @contextlib.contextmanager
 def writer(profile: Profile) -> Iterator[ServerWriter]:
+    """The single writer; any connection error of a server call made inside (by the writer or on its
+    collections) is ``lost_server``'s one line, exit 4."""
     client = connect(profile)
-    w = ServerWriter(profile, client)
-    w.acquire()
+    with _server_calls(profile):
+        w = ServerWriter(profile, client)
+        w.acquire()
     try:
-        w.collect_garbage()
-        yield w
+        with _server_calls(profile):
+            w.collect_garbage()
+            yield w
     finally:
         w.close()
+
+
+def break_lease(profile: Profile, force: bool = False) -> str:
+    """Clear the single-writer lease by hand (``python -m jobs.ingest --break-lease``); returns what was done.
+    Refused when its holder is an ingest alive on this host, unless ``force``. An ingest whose lease is broken
+    stops at its next check and publishes nothing."""
+    client = connect(profile)
+    where = f"Chroma server {_url(profile)}, collection {profile.store.collection}"
+    try:
+        pointer = _collection(client, profile.store.collection + POINTER)
+        meta = dict(pointer.metadata or {}) if pointer is not None else {}
+        if not meta.get("lease_token"):
+            return f"no lease is held on {where}: nothing to break"
+        holder, expires = meta.get("lease_holder") or "(unknown)", float(meta.get("lease_expires") or 0)
+        pid = _local_pid(meta)
+        if pid is not None and pid_alive(pid) and not force:
+            raise JobError(f"the lease of {where} is held by {holder}, an ingest alive on this host (pid {pid}): "
+                           "stop it first, or break the lease anyway with --break-lease --force")
+        pointer.modify(metadata={**meta, "lease_holder": "", "lease_token": "", "lease_host": "",
+                                 "lease_expires": 0.0})
+    except LOST as exc:
+        raise JobError(f"lost the Chroma server at {_url(profile)} ({_reason(exc)}): the lease was not broken") \
+            from None
+    state = f"expired {_iso(expires)}" if expires < time.time() else f"held until {_iso(expires)}"
+    return f"broke the lease of {holder} on {where} ({state})"
