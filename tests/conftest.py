@@ -110,7 +110,7 @@ def git_repo(tmp_path: Path) -> tuple[Path, list[str]]:
 @pytest.fixture
 def mini_profile(tmp_path: Path, corpus_dir: Path, minilm_path: str):
     """A profile over the folder corpus with the MiniLM embedder and a fresh store."""
-    from jobs.config import load_profile
+    from jobs.common.config import load_profile
 
     manifest = write_manifest(tmp_path / "mini.toml", ref="main", sources=[("folder", str(corpus_dir))])
     path = write_profile(tmp_path / "profile.toml", embedder=minilm_path, corpus=manifest,
@@ -120,8 +120,8 @@ def mini_profile(tmp_path: Path, corpus_dir: Path, minilm_path: str):
 
 @pytest.fixture(scope="session")
 def minilm_embedder(minilm_path: str, tmp_path_factory):
-    from jobs.config import load_profile
-    from jobs.embedding import load_embedder
+    from jobs.common.config import load_profile
+    from jobs.common.embedding import load_embedder
 
     tmp = tmp_path_factory.mktemp("emb")
     manifest = write_manifest(tmp / "m.toml", ref="main", sources=[("folder", str(MINI_CORPUS))])
@@ -174,7 +174,7 @@ class BackgroundEval:
     def __init__(self, profile: Path, log: Path, *args: str) -> None:
         import sys
 
-        from jobs.config import ROOT
+        from jobs.common.config import ROOT
 
         self.log = log
         self._out = open(log, "ab")  # noqa: SIM115 - closed in stop()

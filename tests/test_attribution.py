@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from jobs.scoring import attribution as A
+from jobs.eval.scoring import attribution as A
 
 
 def rag_row(answer: str, chunks: list[tuple[str, str]], *, keywords: str = "WSL2|Linux",

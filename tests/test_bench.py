@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from jobs.bench import main
+from jobs.tools.bench import main
 from tests.conftest import MINI_QUESTIONS, write_manifest, write_profile
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.config import ROOT, available_profiles, load_profile
-from jobs.errors import JobError
+from jobs.common.config import ROOT, available_profiles, load_profile
+from jobs.common.errors import JobError
 
 
 def test_shipped_profiles_load_and_share_code():
@@ -85,7 +85,7 @@ def test_unprepared_model_says_run_make_models(tmp_path: Path):
 def test_every_numeric_setting_has_a_range():
     import dataclasses
 
-    from jobs.config import _SECTION_TYPES
+    from jobs.common.config import _SECTION_TYPES
 
     for name, cls in _SECTION_TYPES.items():
         for f in dataclasses.fields(cls):
@@ -94,14 +94,14 @@ def test_every_numeric_setting_has_a_range():
 
 
 def test_set_values_keep_their_exact_text():
-    from jobs.config import overrides_from_cli
+    from jobs.common.config import overrides_from_cli
 
     p = load_profile("offline", overrides_from_cli(["embedder.passage_prefix=doc: ", "embedder.query_prefix= q: "], {}))
     assert p.embedder.passage_prefix == "doc: " and p.embedder.query_prefix == " q: "
 
 
 def test_an_unset_flag_overrides_nothing_and_a_conflict_is_refused():
-    from jobs.config import overrides_from_cli
+    from jobs.common.config import overrides_from_cli
 
     flags = {"chunking.size": ("--chunk-size", None), "store.path": ("--store", None)}
     p = load_profile("offline", overrides_from_cli(["chunking.size=200", "store.path=stores/x"], flags))

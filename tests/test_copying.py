@@ -10,13 +10,13 @@ import json
 import pandas as pd
 import pytest
 
-from jobs.errors import JobError
-from jobs.history import Comparison
-from jobs.prompts import format_context
-from jobs.scoring import copying as C
-from jobs.scoring import statistics as S
-from jobs.scoring.summary import summarise
-from jobs.thresholds import Threshold
+from jobs.common.errors import JobError
+from jobs.eval.history import Comparison
+from jobs.eval.prompts import format_context
+from jobs.eval.scoring import copying as C
+from jobs.eval.scoring import statistics as S
+from jobs.eval.scoring.summary import summarise
+from jobs.eval.thresholds import Threshold
 
 ZERO = ("docs/zh_cn/legacy/acceleration/deepspeed.rst",
         "XTuner 内置了五种 DeepSpeed ZeRO 配置：deepspeed_zero1、deepspeed_zero2、deepspeed_zero3，"

@@ -11,12 +11,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from jobs import eval as ev
-from jobs.cache import GenerationCache
-from jobs.config import load_profile
-from jobs.errors import JobError
-from jobs.ingest import ingest
-from jobs.results import RunDir
+from jobs.common.config import load_profile
+from jobs.common.errors import JobError
+from jobs.eval import job as ev
+from jobs.eval.results import RunDir
+from jobs.ingest.job import ingest
+from jobs.llm.cache import GenerationCache
 from tests.test_eval import eval_profile
 
 HEADER = "id,question,language,expected_keywords,expected_sources,category,notes\n"
@@ -207,6 +207,6 @@ def test_a_control_character_in_a_question_is_refused_naming_the_row(ingested, t
     assert not load_profile(str(ingested)).eval.reports_dir.exists()
     ok = tmp_path / "ok.csv"  # a pasted error message keeps its lines and tabs
     ok.write_text(HEADER + 'a,"Traceback:\n\tKeyError: x\nWhat now?",en,Lumen,,troubleshooting,\n', encoding="utf-8")
-    from jobs.questions import load_questions
+    from jobs.common.questions import load_questions
 
     assert load_questions(ok).questions[0].question.count("\n") == 2

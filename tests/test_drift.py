@@ -9,11 +9,11 @@ import shutil
 import pandas as pd
 import pytest
 
-from jobs import eval as ev
-from jobs import report
-from jobs.config import load_profile
-from jobs.drift import CORPUS_FILES, docs_change, save_corpus_files
-from jobs.ingest import ingest
+from jobs.common.config import load_profile
+from jobs.eval import job as ev
+from jobs.eval import report
+from jobs.eval.drift import CORPUS_FILES, docs_change, save_corpus_files
+from jobs.ingest.job import ingest
 from tests.conftest import MINI_CORPUS, git, write_manifest
 from tests.test_eval import eval_profile
 

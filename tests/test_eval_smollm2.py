@@ -5,10 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from jobs.config import load_profile
-from jobs.eval import evaluate
-from jobs.ingest import ingest
-from jobs.prepare.__main__ import prepare
+from jobs.common.config import load_profile
+from jobs.eval.job import evaluate
+from jobs.ingest.job import ingest
+from jobs.tools.prepare.__main__ import prepare
 from tests.conftest import MINI_CORPUS, MINI_QUESTIONS, write_manifest
 
 pytestmark = pytest.mark.slow

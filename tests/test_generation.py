@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from jobs.config import load_profile
+from jobs.common.config import load_profile
+from jobs.eval.prompts import rag_user_message
 from jobs.llm import load_llm
-from jobs.prompts import rag_user_message
 
 QUESTIONS = ["what is the a ?", "Lumen", "supports the rate of the models docs question answer context",
              "a", "Which models does Lumen support? Pico-7M Nano-30M LoRA Full yes no", "the the the"]
@@ -76,7 +76,7 @@ def test_batches_respect_rows_and_token_budget(tiny_llm):
 
 @pytest.mark.slow
 def test_batched_equals_sequential_on_smollm2():
-    from jobs.prepare.__main__ import prepare
+    from jobs.tools.prepare.__main__ import prepare
 
     profile = load_profile("offline", {"llm.max_new_tokens": 24, "llm.device": "cpu"})
     prepare(profile.models_dir, ["smollm2-135m-instruct"])

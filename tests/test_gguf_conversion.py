@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from jobs.prepare.gguf import (
+from jobs.tools.prepare.gguf import (
     COMPLETE_MARKER,
     SMOLLM2_FILE,
     SMOLLM2_PACKAGE,

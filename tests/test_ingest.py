@@ -15,21 +15,22 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from jobs import ingest as ing
-from jobs import log as joblog
-from jobs import serve, stores
-from jobs.config import ROOT, load_profile
-from jobs.embedding import Embedder, load_embedder
-from jobs.errors import JobError
-from jobs.ingest import IngestSummary, ingest
-from jobs.lexical import BM25Index
-from jobs.retrieval import StoreRetriever
-from jobs.scoring.retrieval import file_ranking
-from jobs.source import Checkout, SourceSpec, fetch, load_manifest
+from jobs import stores
+from jobs.common import log as joblog
+from jobs.common.config import ROOT, load_profile
+from jobs.common.embedding import Embedder, load_embedder
+from jobs.common.errors import JobError
+from jobs.common.urls import redact
+from jobs.ingest import job as ing
+from jobs.ingest.job import IngestSummary, ingest
+from jobs.ingest.source import Checkout, SourceSpec, fetch, load_manifest
+from jobs.retrieval.fusion import file_ranking
+from jobs.retrieval.retriever import StoreRetriever
 from jobs.stores import chroma
 from jobs.stores import embedded as st
 from jobs.stores import server as srv
-from jobs.urls import redact
+from jobs.stores.lexical import BM25Index
+from jobs.tools import serve
 from tests.conftest import MINI_QUESTIONS, write_manifest, write_profile
 
 

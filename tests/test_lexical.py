@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.lexical import BM25Index, Tokenizer, reciprocal_rank_fusion, relative_score_fusion, tokenize
+from jobs.retrieval.fusion import reciprocal_rank_fusion, relative_score_fusion
+from jobs.stores.lexical import BM25Index, Tokenizer, tokenize
 
 ROOT = Path(__file__).resolve().parents[1]
 

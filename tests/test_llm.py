@@ -16,12 +16,12 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from jobs.config import load_profile
-from jobs.errors import JobError
+from jobs.common.config import load_profile
+from jobs.common.errors import JobError
+from jobs.eval.prompts import bare_user_message, rag_user_message
 from jobs.llm.base import defuse_control_tokens
 from jobs.llm.huggingface import ChatLLM, load_kwargs
 from jobs.llm.openai_chat import ServedLLM
-from jobs.prompts import bare_user_message, rag_user_message
 
 # InternLM2's chat template (tokenizer_config.json of internlm/internlm2-chat-1_8b).
 INTERNLM2_TEMPLATE = (

@@ -7,10 +7,10 @@ import json
 import pandas as pd
 import pytest
 
-from jobs import eval as ev
-from jobs.cache import GenerationCache
-from jobs.config import load_profile
-from jobs.ingest import ingest
+from jobs.common.config import load_profile
+from jobs.eval import job as ev
+from jobs.ingest.job import ingest
+from jobs.llm.cache import GenerationCache
 from jobs.llm.huggingface import ChatLLM
 from tests.test_eval import eval_profile
 

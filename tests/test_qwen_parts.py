@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.errors import JobError
-from jobs.prepare import qwen_parts
-from jobs.prepare.gguf import COMPLETE_MARKER
-from jobs.prepare.qwen_parts import EXPECTED_SHA256, GGUF_NAME, PARTS, Part, convert_qwen, find_parts, join_parts
+from jobs.common.errors import JobError
+from jobs.tools.prepare import qwen_parts
+from jobs.tools.prepare.gguf import COMPLETE_MARKER
+from jobs.tools.prepare.qwen_parts import EXPECTED_SHA256, GGUF_NAME, PARTS, Part, convert_qwen, find_parts, join_parts
 
 # Uneven sizes (one empty) so that part and chunk boundaries never line up.
 PAYLOADS = [bytes((n * 37 + i) % 256 for i in range(size)) for n, size in enumerate([50, 17, 0, 64, 33, 9])]

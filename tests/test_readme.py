@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.config import ROOT, load_profile
+from jobs.common.config import ROOT, load_profile
 from tests.test_eval import eval_profile
 
 README = ROOT / "README.md"

@@ -15,13 +15,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from jobs import eval as ev
-from jobs import ingest as ing
-from jobs.config import ROOT, load_profile
-from jobs.errors import JobError
-from jobs.ingest import ingest
-from jobs.retrieval import StoreRetriever
-from jobs.source import fetch, load_manifest
+from jobs.common.config import ROOT, load_profile
+from jobs.common.errors import JobError
+from jobs.eval import job as ev
+from jobs.ingest import job as ing
+from jobs.ingest.job import ingest
+from jobs.ingest.source import fetch, load_manifest
+from jobs.retrieval.retriever import StoreRetriever
 from jobs.stores import embedded as st
 from tests.conftest import (
     MINI_QUESTIONS,
@@ -348,7 +348,8 @@ def test_a_store_of_the_old_layout_is_still_read_and_updated(tmp_path, corpus_di
 def test_killed_reader_leaves_no_private_copy_behind(ingested, tmp_path):
     import tempfile
 
-    code = ("import os, sys, time\nfrom jobs.stores import embedded as st\nfrom jobs.config import load_profile\n"
+    code = ("import os, sys, time\nfrom jobs.stores import embedded as st\n"
+            "from jobs.common.config import load_profile\n"
             f"p = load_profile({str(ingested)!r})\nsnap = st.Snapshot(p.store.path, p.store.collection)\n"
             "print(snap.folder, flush=True)\ntime.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)

@@ -9,15 +9,16 @@ import json
 
 import pytest
 
-from jobs import eval as ev
-from jobs.check import retrieval_scores
-from jobs.config import load_profile
-from jobs.errors import JobError
-from jobs.ingest import ingest
-from jobs.lexical import field_text, lexical_spec
-from jobs.retrieval import StoreRetriever, fuse
-from jobs.rewrite import QueryRewriter, clean, language_of, load_rewriter
-from jobs.tune import sweep
+from jobs.common.config import load_profile
+from jobs.common.errors import JobError
+from jobs.eval import job as ev
+from jobs.ingest.job import ingest
+from jobs.retrieval.check import retrieval_scores
+from jobs.retrieval.fusion import fuse
+from jobs.retrieval.retriever import StoreRetriever
+from jobs.retrieval.rewrite import QueryRewriter, clean, language_of, load_rewriter
+from jobs.stores.lexical import field_text, lexical_spec
+from jobs.tools.tune import sweep
 from tests.conftest import MINI_QUESTIONS
 from tests.test_eval import eval_profile
 from tests.test_nightly import model_calls  # noqa: F401 - a fixture

@@ -14,11 +14,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from jobs import eval as ev
-from jobs import serve
-from jobs.config import ROOT, load_profile
-from jobs.errors import JobError
-from jobs.ingest import ingest
+from jobs.common.config import ROOT, load_profile
+from jobs.common.errors import JobError
+from jobs.eval import job as ev
+from jobs.ingest.job import ingest
+from jobs.tools import serve
 from tests.conftest import MINI_QUESTIONS, BackgroundEval, write_manifest, write_profile
 
 HEADER = "id,question,language,expected_keywords,expected_sources,category,notes\n"

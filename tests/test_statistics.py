@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
 
-from jobs.scoring import statistics as S
-from jobs.thresholds import Threshold
+from jobs.eval.scoring import statistics as S
+from jobs.eval.thresholds import Threshold
 
 
 def run_frame(rag_pass: list[int], bare_pass: list[int], *, category: str = "factual",

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from jobs import eval as ev
-from jobs import ingest as ing
-from jobs import serve
-from jobs.check import retrieval_scores
-from jobs.config import ROOT, load_profile
-from jobs.errors import JobError
-from jobs.ingest import ingest
-from jobs.retrieval import StoreRetriever
+from jobs.common.config import ROOT, load_profile
+from jobs.common.errors import JobError
+from jobs.eval import job as ev
+from jobs.ingest import job as ing
+from jobs.ingest.job import ingest
+from jobs.retrieval.check import retrieval_scores
+from jobs.retrieval.retriever import StoreRetriever
 from jobs.stores import server as srv
+from jobs.tools import serve
 from tests.conftest import MINI_QUESTIONS, BackgroundEval, build_tiny_chat_model, write_manifest, write_profile
 from tests.test_eval import LLM_SECTION
 
@@ -283,7 +283,7 @@ def test_a_store_built_by_another_embedder_is_refused_and_a_settings_change_rebu
                                                                                     minilm_embedder):
     import dataclasses
 
-    from jobs.embedding import Embedder
+    from jobs.common.embedding import Embedder
 
     profile = load_profile(str(server_profile))
     ingest(profile, embedder=minilm_embedder)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from jobs import threads
+from jobs.common import threads
 
 
 def _v2(folder: Path, text: str) -> Path:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from jobs.check import retrieval_scores
-from jobs.config import ROOT
-from jobs.ingest import ingest
-from jobs.questions import load_questions
-from jobs.retrieval import Hit, fuse
-from jobs.tune import Setting, choose, main, single, sweep
+from jobs.common.config import ROOT
+from jobs.common.questions import load_questions
+from jobs.ingest.job import ingest
+from jobs.retrieval.check import retrieval_scores
+from jobs.retrieval.fusion import Hit, fuse
+from jobs.tools.tune import Setting, choose, main, single, sweep
 
 DATA = Path(__file__).parent / "data"
 SNAPSHOT = ROOT.parent / "shared/corpora/xtuner"

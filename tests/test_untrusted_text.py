@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs import eval as ev
-from jobs.config import load_profile
-from jobs.errors import JobError
-from jobs.ingest import ingest
+from jobs.common.config import load_profile
+from jobs.common.errors import JobError
+from jobs.eval import job as ev
+from jobs.ingest.job import ingest
 from tests.conftest import FakeChatServer
 from tests.test_failed_nights import fake_served_profile
 
@@ -81,7 +81,7 @@ def test_model_and_corpus_markdown_is_inert_in_the_report(hostile_run):
     run, df = hostile_run
     assert (df["answer"] == HOSTILE.strip()).all()  # the hostile text did reach the run
     retrieved = " ".join(df["retrieved"].dropna())
-    # The hostile page was retrieved. Its markdown links and images are dropped when it is read (jobs.documents);
+    # The hostile page was retrieved. Its markdown links and images are dropped when it is read (jobs.ingest.documents);
     # its plain URLs reach the model's context as text.
     assert "http://attacker.example/docs-mirror" in retrieved and "pixel.png" not in retrieved
     report = (run.path / "report.md").read_text(encoding="utf-8")
@@ -124,7 +124,7 @@ def test_the_shown_text_reads_as_the_model_wrote_it(hostile_run):
 # ---- credentials in URLs ----------------------------------------------------------------------------------
 
 def test_redact_hides_userinfo_and_token_parameters():
-    from jobs.urls import redact
+    from jobs.common.urls import redact
 
     assert redact("http://user:s3cret@gpu-box:23333/v1") == "http://***@gpu-box:23333/v1"
     assert redact("https://token@host/v1?api_key=abc&model=x") == "https://***@host/v1?api_key=***&model=x"
@@ -158,7 +158,7 @@ def test_credentials_in_the_model_url_are_never_written_or_logged(tmp_path, corp
 
 def test_a_served_run_still_reaches_a_server_through_its_credentials(fake_chat_server):
     """The URL keeps its credentials where it is used: redaction is for what is shown."""
-    from jobs.config import LLMConfig
+    from jobs.common.config import LLMConfig
     from jobs.llm.openai_chat import ServedLLM, probe
 
     cfg = LLMConfig(backend="openai", model=FakeChatServer.MODEL,

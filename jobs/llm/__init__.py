@@ -8,7 +8,7 @@ The eval job calls ``load_llm`` and the interface, never a backend.
 
 from __future__ import annotations
 
-from jobs.config import Profile
+from jobs.common.config import Profile
 from jobs.llm.base import ChatModel, Completion, OnResult, ServerLost
 
 __all__ = ["ChatModel", "Completion", "OnResult", "ServerLost", "load_llm"]

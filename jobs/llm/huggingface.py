@@ -23,11 +23,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from jobs.cache import folder_fingerprint
-from jobs.config import LLMConfig, Profile
-from jobs.device import pick_device, pick_dtype
-from jobs.errors import JobError
+from jobs.common.config import LLMConfig, Profile
+from jobs.common.device import pick_device, pick_dtype
+from jobs.common.errors import JobError
 from jobs.llm.base import Completion, OnResult, control_tokens, defuse_control_tokens
+from jobs.llm.cache import folder_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from typing import Any
 
 import httpx
 
-from jobs.config import LLMConfig, Profile
-from jobs.errors import JobError
+from jobs.common.config import LLMConfig, Profile
+from jobs.common.errors import JobError
+from jobs.common.urls import redact, redact_text
 from jobs.llm.base import Completion, OnResult, ServerLost, defuse_control_tokens
-from jobs.urls import redact, redact_text
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import contextlib
 
-from jobs.config import Profile
-from jobs.errors import JobError
+from jobs.common.config import Profile
+from jobs.common.errors import JobError
 from jobs.stores.base import Base, Generation, Reader, Writer
 from jobs.stores.chroma import DamagedStore
 
@@ -23,8 +23,8 @@ __all__ = ["Base", "DamagedStore", "Generation", "Reader", "Writer", "break_leas
 
 def describe(profile: Profile) -> str:
     """Where the profile's store is, for messages (a URL without its credentials)."""
-    from jobs.config import ROOT
-    from jobs.urls import redact
+    from jobs.common.config import ROOT
+    from jobs.common.urls import redact
 
     s = profile.store
     if s.url:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 import chromadb
 
 if TYPE_CHECKING:
-    from jobs.lexical import BM25Index
+    from jobs.stores.lexical import BM25Index
 
 
 @dataclass

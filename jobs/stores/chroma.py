@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import chromadb
 from chromadb.config import Settings
 
-from jobs.errors import JobError
+from jobs.common.errors import JobError
 
 BUILD_PREFIX = "build."
 LEXICAL = "lexical"  # the BM25 index's folder (inside a generation, or in the local cache)

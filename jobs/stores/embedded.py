@@ -37,8 +37,8 @@ from pathlib import Path
 
 import chromadb
 
-from jobs.errors import JobError
-from jobs.files import pid_alive
+from jobs.common.errors import JobError
+from jobs.common.files import pid_alive
 from jobs.stores.base import Base, Generation
 from jobs.stores.chroma import (
     LEXICAL,
@@ -173,7 +173,7 @@ def _files(folder: Path) -> list[str]:
 
 def write_manifest(gen: Path) -> None:
     """The sha256 of every file, written last: a generation with a manifest is whole."""
-    from jobs.files import atomic_write, sha256_file
+    from jobs.common.files import atomic_write, sha256_file
 
     files = {rel: sha256_file(gen / rel) for rel in _files(gen)}
     atomic_write(gen / MANIFEST, json.dumps({"files": files}, indent=1, sort_keys=True))
@@ -470,7 +470,7 @@ class EmbeddedReader:
         self.generation = self.snapshot.generation.name
 
     def lexical(self):  # noqa: ANN201 - BM25Index, imported lazily
-        from jobs.lexical import BM25Index
+        from jobs.stores.lexical import BM25Index
 
         try:
             return BM25Index.load(self.snapshot.folder / LEXICAL)

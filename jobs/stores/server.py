@@ -53,9 +53,9 @@ from urllib.parse import urlparse
 import chromadb
 import httpx
 
-from jobs.config import Profile
-from jobs.errors import EXIT_STOPPED, JobError
-from jobs.files import pid_alive
+from jobs.common.config import Profile
+from jobs.common.errors import EXIT_STOPPED, JobError
+from jobs.common.files import pid_alive
 from jobs.stores.base import Base, Generation
 from jobs.stores.chroma import (
     HNSW,
@@ -68,7 +68,7 @@ from jobs.stores.chroma import (
     pages,
     read_build_info,
 )
-from jobs.urls import redact, redact_text
+from jobs.common.urls import redact, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -263,8 +263,8 @@ def _cache_dir(profile: Profile, generation: str) -> Path:
 
 def lexical_index(profile: Profile, generation: str, collection: chromadb.Collection):  # noqa: ANN201
     """The generation's BM25 index: from the local cache, else rebuilt from its documents and cached."""
-    from jobs.files import publish_folder
-    from jobs.lexical import BM25Index, index_chunks
+    from jobs.common.files import publish_folder
+    from jobs.stores.lexical import BM25Index, index_chunks
 
     folder = _cache_dir(profile, generation)
     if folder.is_dir():
@@ -285,7 +285,7 @@ def lexical_index(profile: Profile, generation: str, collection: chromadb.Collec
 
 def cache_lexical(profile: Profile, generation: str, index, publish_folder=None) -> None:  # noqa: ANN001
     if publish_folder is None:
-        from jobs.files import publish_folder
+        from jobs.common.files import publish_folder
     folder = _cache_dir(profile, generation)
     if folder.exists():
         import shutil

@@ -1,0 +1,1 @@
+"""The eval job, a pipeline: questions -> answers -> scores -> report (``python -m jobs.eval``)."""

@@ -1,0 +1,7 @@
+"""`python -m jobs.eval`: the eval job's command line (jobs.eval.job)."""
+
+from jobs.common.log import run_cli
+from jobs.eval.job import build_parser, main, profile_from_args  # noqa: F401 - the command line's parser, for tools
+
+if __name__ == "__main__":
+    run_cli(main)

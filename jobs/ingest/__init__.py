@@ -1,0 +1,1 @@
+"""The ingest job, a pipeline: source -> documents -> chunks -> embeddings -> store (``python -m jobs.ingest``)."""

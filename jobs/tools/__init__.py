@@ -1,0 +1,1 @@
+"""Tools around the jobs: the benchmark, retrieval tuning, the local model server, model preparation."""
