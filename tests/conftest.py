@@ -297,3 +297,156 @@ def fake_chat_server():
     server = FakeChatServer()
     yield server
     server.stop()
+
+
+# ---- an eval profile over the fixture corpus, and its store ---------------------------------------------------
+
+LLM_SECTION = """
+[llm]
+model = "{model}"
+device = "cpu"
+max_new_tokens = {max_new_tokens}
+system_prompt = "You answer questions."
+
+[eval]
+questions = "{questions}"
+reports_dir = "{reports}"
+abstain_phrases = ["not covered", "没有提到"]
+"""
+
+
+def eval_profile(tmp_path: Path, corpus: Path, minilm: str, llm: Path, questions: Path = MINI_QUESTIONS,
+                 max_new_tokens: int = 8) -> Path:
+    """A profile for both jobs: the folder ``corpus``, MiniLM, the in-process chat model ``llm``, reports and store
+    under ``tmp_path``."""
+    manifest = write_manifest(tmp_path / "m.toml", ref="main", sources=[("folder", str(corpus))])
+    return write_profile(
+        tmp_path / "p.toml", embedder=minilm, corpus=manifest, store=tmp_path / "stores" / "mini",
+        cache=tmp_path / "cache",
+        extra=LLM_SECTION.format(model=llm, questions=questions, reports=tmp_path / "reports",
+                                 max_new_tokens=max_new_tokens))
+
+
+def ingested_profile(path: Path, embedder) -> Path:
+    """The profile at ``path`` with its store built (an ingest run in this process); returns ``path``."""
+    from jobs.common.config import load_profile
+    from jobs.ingest.job import ingest
+
+    ingest(load_profile(str(path)), embedder=embedder)
+    return path
+
+
+@pytest.fixture
+def ingested(tmp_path, corpus_dir, minilm_path, tiny_llm, minilm_embedder) -> Path:
+    """The path of an eval profile (tiny random Llama) whose store is built: ready for ``jobs.eval``."""
+    return ingested_profile(eval_profile(tmp_path, corpus_dir, minilm_path, tiny_llm), minilm_embedder)
+
+
+def many_questions(path: Path, n: int) -> Path:
+    """A question CSV of ``n`` English questions on the fixture corpus: enough work for a run to be caught (killed,
+    or published under) in the middle."""
+    rows = [f"q{i:02d},What is the default learning rate {i}?,en,3e-4,docs/en/config.md,english," for i in range(n)]
+    path.write_text(HEADER + "\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def slow_llm(tmp_path_factory) -> Path:
+    """A slower (still tiny) random Llama: long enough answers for a run to be interrupted part-way."""
+    return build_tiny_chat_model(tmp_path_factory.mktemp("slow-llm") / "model", hidden=256, layers=4)
+
+
+class Calls(list):
+    """Prompts that reached the model, and beside them (``penalties``) the presence penalty each was decoded with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.penalties: list[float] = []
+
+
+@pytest.fixture
+def model_calls(monkeypatch) -> Calls:
+    """Counts prompts that reach the in-process model (cache misses), through the real generate()."""
+    from jobs.llm.huggingface import ChatLLM
+
+    calls = Calls()
+    real = ChatLLM.generate
+
+    def counting(self, prompts, on_result=None, *, presence_penalty=0.0):
+        calls.extend(prompts)
+        calls.penalties.extend([presence_penalty] * len(prompts))
+        return real(self, prompts, on_result, presence_penalty=presence_penalty)
+
+    monkeypatch.setattr(ChatLLM, "generate", counting)
+    return calls
+
+
+def fake_served_profile(tmp_path: Path, corpus: Path, minilm: str, base_url: str, *, timeout_s: float = 30,
+                        max_retries: int = 1, extra_eval: str = "") -> Path:
+    """A profile whose model is served at ``base_url`` (a ``FakeChatServer``)."""
+    manifest = write_manifest(tmp_path / "m.toml", ref="main", sources=[("folder", str(corpus))])
+    return write_profile(tmp_path / "p.toml", embedder=minilm, corpus=manifest, store=tmp_path / "stores" / "mini",
+                         cache=tmp_path / "cache", extra=f"""
+[llm]
+backend = "openai"
+model = "{FakeChatServer.MODEL}"
+base_url = "{base_url}"
+concurrency = 2
+max_new_tokens = 16
+timeout_s = {timeout_s}
+max_retries = {max_retries}
+
+[eval]
+questions = "{MINI_QUESTIONS}"
+reports_dir = "{tmp_path / 'reports'}"
+abstain_phrases = ["not covered"]
+{extra_eval}
+""")
+
+
+# ---- the store on a Chroma server ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def chroma_server(tmp_path_factory):
+    """`chroma run` on a free port of 127.0.0.1 with a temporary path; stopped (hard after 5 s) at the end."""
+    from jobs.tools import serve
+
+    data = tmp_path_factory.mktemp("chroma-server")
+    with serve.running_chroma(data / "db", log_path=data / "server.log") as url:
+        yield url
+
+
+_collections = iter(range(10_000))
+
+
+def make_server_profile(tmp_path: Path, corpus: Path, minilm: str, llm: Path, url: str,
+                        questions: Path = MINI_QUESTIONS, max_new_tokens: int = 8) -> Path:
+    """``eval_profile`` whose store is a fresh collection on the Chroma server at ``url``."""
+    path = eval_profile(tmp_path, corpus, minilm, llm, questions=questions, max_new_tokens=max_new_tokens)
+    text = path.read_text(encoding="utf-8").replace(
+        'collection = "mini_docs"', f'collection = "mini_docs_{next(_collections)}"\nurl = "{url}"\nlease_s = 30')
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def store_generations(profile) -> list[str]:
+    """The names of the generations a store holds, on either backend (on a server, one being built too)."""
+    if profile.store.url:
+        from jobs.stores import server as srv
+
+        prefix = profile.store.collection + srv.GENERATION
+        return sorted(c.name for c in srv.connect(profile).list_collections() if c.name.startswith(prefix))
+    from jobs.stores import embedded as st
+
+    return sorted(g.name for g in st.finished_generations(profile.store.path))
+
+
+def store_live_generation(profile) -> str:
+    """The name of a store's live generation, on either backend."""
+    if profile.store.url:
+        from jobs.stores import server as srv
+
+        return srv._pointer_meta(srv.connect(profile), profile.store.collection)["live"]
+    from jobs.stores import embedded as st
+
+    return st.live_generation(profile.store.path).name

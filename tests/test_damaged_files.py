@@ -15,18 +15,7 @@ from jobs.common.config import load_profile
 from jobs.common.errors import JobError
 from jobs.eval import job as ev
 from jobs.eval.results import RunDir
-from jobs.ingest.job import ingest
-from jobs.llm.cache import GenerationCache
-from tests.test_eval import eval_profile
-
-HEADER = "id,question,language,expected_keywords,expected_sources,category,notes\n"
-
-
-@pytest.fixture
-def ingested(tmp_path, corpus_dir, minilm_path, tiny_llm, minilm_embedder):
-    path = eval_profile(tmp_path, corpus_dir, minilm_path, tiny_llm)
-    ingest(load_profile(str(path)), embedder=minilm_embedder)
-    return path
+from tests.conftest import HEADER
 
 
 class ModelLoaded(Exception):
@@ -161,15 +150,6 @@ def test_a_damaged_or_edited_cache_entry_is_regenerated_never_reused(ingested, d
     warnings = [r.getMessage() for r in caplog.records if "is not used" in r.getMessage() and r.levelname == "WARNING"]
     assert len(warnings) == 1  # said once, not once per entry
     assert ev.evaluate(profile)[1]["cached"].all()  # and the regenerated entries are sound again
-
-
-def test_a_cache_entry_moved_under_another_key_is_not_reused(tmp_path):
-    cache = GenerationCache(tmp_path)
-    cache.put("a" * 64, "prompt A", text="answer A", prompt_tokens=3, answer_tokens=2, seconds=0.1)
-    assert cache.get("a" * 64, "prompt A")["text"] == "answer A"
-    (tmp_path / "bb").mkdir()
-    (tmp_path / "aa" / f"{'a' * 64}.json").rename(tmp_path / "bb" / f"{'b' * 64}.json")
-    assert cache.get("b" * 64, "prompt B") is None and cache.rejected == 1
 
 
 def test_a_read_only_cache_folder_costs_the_caching_never_an_answer(ingested, caplog):

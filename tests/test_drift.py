@@ -14,8 +14,7 @@ from jobs.eval import job as ev
 from jobs.eval import report
 from jobs.eval.drift import CORPUS_FILES, docs_change, save_corpus_files
 from jobs.ingest.job import ingest
-from tests.conftest import MINI_CORPUS, git, write_manifest
-from tests.test_eval import eval_profile
+from tests.conftest import MINI_CORPUS, eval_profile, git, write_manifest
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -18,37 +17,7 @@ from jobs.common.errors import JobError
 from jobs.eval.job import evaluate, main
 from jobs.eval.report import escape_cell
 from jobs.ingest.job import ingest
-from tests.conftest import MINI_QUESTIONS, BackgroundEval, write_manifest, write_profile
-
-LLM_SECTION = """
-[llm]
-model = "{model}"
-device = "cpu"
-max_new_tokens = {max_new_tokens}
-system_prompt = "You answer questions."
-
-[eval]
-questions = "{questions}"
-reports_dir = "{reports}"
-abstain_phrases = ["not covered", "没有提到"]
-"""
-
-
-def eval_profile(tmp_path: Path, corpus: Path, minilm: str, llm: Path, questions: Path = MINI_QUESTIONS,
-                 max_new_tokens: int = 8) -> Path:
-    manifest = write_manifest(tmp_path / "m.toml", ref="main", sources=[("folder", str(corpus))])
-    return write_profile(
-        tmp_path / "p.toml", embedder=minilm, corpus=manifest, store=tmp_path / "stores" / "mini",
-        cache=tmp_path / "cache",
-        extra=LLM_SECTION.format(model=llm, questions=questions, reports=tmp_path / "reports",
-                                 max_new_tokens=max_new_tokens))
-
-
-@pytest.fixture
-def ingested(tmp_path, corpus_dir, minilm_path, tiny_llm, minilm_embedder):
-    path = eval_profile(tmp_path, corpus_dir, minilm_path, tiny_llm)
-    ingest(load_profile(str(path)), embedder=minilm_embedder)
-    return path
+from tests.conftest import HEADER, BackgroundEval, eval_profile, many_questions
 
 
 def test_end_to_end_report_numbers_match_results_csv(ingested):
@@ -74,12 +43,19 @@ def test_end_to_end_report_numbers_match_results_csv(ingested):
     assert results[results["mode"] == "bare"]["hit_at_5"].isna().all()
 
     report = (run.path / "report.md").read_text(encoding="utf-8")
-    for heading in ("## Run", "## Summary: bare vs RAG", "## Latency", "## Questions"):
+    for heading in ("## Verdict", "## Summary: bare vs RAG", "### Retrieval (RAG)", "## Latency", "## Questions",
+                    "## Run"):
         assert heading in report
-    lines = report.splitlines()
-    overall = next(line for line in lines if line.startswith("| **overall**"))
-    header = next(line for line in reversed(lines[:lines.index(overall)]) if line.startswith("| category"))
-    cells = dict(zip(*([c.strip() for c in line.strip("|").split("|")] for line in (header, overall))))
+
+    def overall_cells(section: str) -> dict[str, str]:
+        """The overall row of the first table under a heading, by column."""
+        lines = report.split(section, 1)[1].splitlines()
+        overall = next(line for line in lines if line.startswith("| **overall**"))
+        header = next(line for line in reversed(lines[:lines.index(overall)]) if line.startswith("| category"))
+        return dict(zip(*([c.strip() for c in line.strip("|").split("|")] for line in (header, overall))))
+
+    # Answer scores and retrieval scores: two tables that each fit a screen.
+    cells = {**overall_cells("## Summary: bare vs RAG"), **overall_cells("### Retrieval (RAG)")}
     # Each number with its 95% interval over questions: "0.48 (0.36–0.60)", the interval around the number.
     shown = [cells[c] for c in ("keyword hit (RAG)", "keyword hit, dumps not credited (RAG)", "passage dumps (RAG)",
                                 "hit@5", "MRR")]
@@ -91,7 +67,7 @@ def test_end_to_end_report_numbers_match_results_csv(ingested):
     assert point[1] <= point[0] + 0.005 and "## Answers that copy their passages" in report
     assert results[results["mode"] == "rag"]["passage_dump"].notna().all()
     for cell in shown:
-        low, high = (float(x) for x in cell.split("(")[1].rstrip(")").split("–"))
+        low, high = (float(x.strip("\u2060")) for x in cell.split("(")[1].rstrip(")").split("–"))  # word joiner
         assert low <= float(cell.split()[0]) <= high
     for qid in ("t1", "t2", "t3", "t4"):
         assert f"| {qid} " in report
@@ -104,8 +80,7 @@ def test_end_to_end_report_numbers_match_results_csv(ingested):
 
 def test_bad_questions_fail_before_any_model_loads(tmp_path, ingested):
     bad = tmp_path / "bad.csv"
-    bad.write_text("id,question,language,expected_keywords,expected_sources,category,notes\n"
-                   "a,,zh,x,,factual,\na,Q?,fr,x,,trivia!,\n", encoding="utf-8")
+    bad.write_text(HEADER + "a,,zh,x,,factual,\na,Q?,fr,x,,trivia!,\n", encoding="utf-8")
     with pytest.raises(JobError) as err:
         evaluate(load_profile(str(ingested)), questions=bad)
     lines = str(err.value).splitlines()
@@ -134,16 +109,10 @@ def test_fail_under_exits_3_and_still_writes_the_report(ingested, capsys):
         main(["--profile", str(ingested), "--fail-under", "rag.accuracy=0.5"])
 
 
-def test_resume_after_kill_does_each_question_once(tmp_path, corpus_dir, minilm_path, minilm_embedder):
-    from tests.conftest import build_tiny_chat_model
-
+def test_resume_after_kill_does_each_question_once(tmp_path, corpus_dir, minilm_path, minilm_embedder, slow_llm):
     # Enough work to be killed in the middle: 30 questions, a slower (still tiny) model.
-    questions = tmp_path / "many.csv"
-    rows = ["id,question,language,expected_keywords,expected_sources,category,notes"]
-    rows += [f"q{i:02d},What is the default learning rate {i}?,en,3e-4,docs/en/config.md,english," for i in range(30)]
-    questions.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    llm = build_tiny_chat_model(tmp_path / "slow-llm", hidden=256, layers=4)
-    prof = eval_profile(tmp_path, corpus_dir, minilm_path, llm, questions=questions, max_new_tokens=48)
+    questions = many_questions(tmp_path / "many.csv", 30)
+    prof = eval_profile(tmp_path, corpus_dir, minilm_path, slow_llm, questions=questions, max_new_tokens=48)
     ingest(load_profile(str(prof)), embedder=minilm_embedder)
 
     cmd = [sys.executable, "-m", "jobs.eval", "--profile", str(prof)]

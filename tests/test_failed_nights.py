@@ -21,44 +21,19 @@ from jobs.eval.results import RunDir
 from jobs.ingest.job import ingest
 from jobs.tools import serve
 from tests.conftest import (
-    HEADER,
-    MINI_QUESTIONS,
     BackgroundEval,
     FakeChatServer,
-    build_tiny_chat_model,
-    write_manifest,
-    write_profile,
+    eval_profile,
+    fake_served_profile,
+    ingested_profile,
+    many_questions,
 )
-from tests.test_eval import eval_profile
-
-
-def fake_served_profile(tmp_path: Path, corpus: Path, minilm: str, base_url: str, *, timeout_s: float = 30,
-                        max_retries: int = 1, extra_eval: str = "") -> Path:
-    manifest = write_manifest(tmp_path / "m.toml", ref="main", sources=[("folder", str(corpus))])
-    return write_profile(tmp_path / "p.toml", embedder=minilm, corpus=manifest, store=tmp_path / "stores" / "mini",
-                         cache=tmp_path / "cache", extra=f"""
-[llm]
-backend = "openai"
-model = "{FakeChatServer.MODEL}"
-base_url = "{base_url}"
-concurrency = 2
-max_new_tokens = 16
-timeout_s = {timeout_s}
-max_retries = {max_retries}
-
-[eval]
-questions = "{MINI_QUESTIONS}"
-reports_dir = "{tmp_path / 'reports'}"
-abstain_phrases = ["not covered"]
-{extra_eval}
-""")
 
 
 @pytest.fixture
 def served_by_fake(tmp_path, corpus_dir, minilm_path, minilm_embedder, fake_chat_server):
-    path = fake_served_profile(tmp_path, corpus_dir, minilm_path, fake_chat_server.base_url)
-    ingest(load_profile(str(path)), embedder=minilm_embedder)
-    return path
+    return ingested_profile(fake_served_profile(tmp_path, corpus_dir, minilm_path, fake_chat_server.base_url),
+                            minilm_embedder)
 
 
 def _summary(run_dir: Path) -> dict:
@@ -84,7 +59,7 @@ def test_a_night_whose_answers_all_failed_exits_5_says_so_and_is_never_a_baselin
     assert _summary(failed_run)["outcome"] == "failed answers"
     assert _summary(failed_run)["run"]["answers failed"] == 8
     report = (failed_run / "report.md").read_text(encoding="utf-8")
-    assert "**This run is no success: 8 of 8 answers failed**" in report.split("## Run")[0]
+    assert "**This run is no success: 8 of 8 answers failed**" in report.split("## Verdict")[0]  # the very top
     assert "FAILED" in (reports / "latest.md").read_text(encoding="utf-8")  # what the cron line mails
     history = pd.read_csv(reports / "history.csv")
     assert history.set_index("run").loc[failed_run.name, "outcome"] == "failed answers"
@@ -195,13 +170,10 @@ def test_a_full_disk_while_writing_the_report_loses_nothing_and_resume_finishes(
 
 
 def test_a_chroma_server_lost_mid_eval_stops_with_exit_4_and_resume_finishes(tmp_path, corpus_dir, minilm_path,
-                                                                            minilm_embedder):
-    questions = tmp_path / "many.csv"
-    rows = [f"q{i:02d},What is the default learning rate {i}?,en,3e-4,docs/en/config.md,english," for i in range(30)]
-    questions.write_text(HEADER + "\n".join(rows) + "\n", encoding="utf-8")
-    llm = build_tiny_chat_model(tmp_path / "slow-llm", hidden=256, layers=4)
+                                                                            minilm_embedder, slow_llm):
+    questions = many_questions(tmp_path / "many.csv", 30)
     port = serve.free_port()
-    path = eval_profile(tmp_path, corpus_dir, minilm_path, llm, questions=questions, max_new_tokens=48)
+    path = eval_profile(tmp_path, corpus_dir, minilm_path, slow_llm, questions=questions, max_new_tokens=48)
     text = path.read_text(encoding="utf-8").replace('collection = "mini_docs"',
                                                     f'collection = "mini_docs"\nurl = "http://127.0.0.1:{port}"')
     path.write_text(text.replace("[llm]\n", "[llm]\nbatch_size = 1\n"), encoding="utf-8")

@@ -374,7 +374,7 @@ def test_a_read_only_store_is_one_line_exit_2_and_nothing_is_written(mini_profil
     (corpus_dir / "docs/en/new.md").write_text("# New\n\n" + "A page added since the last ingest. " * 10,
                                                encoding="utf-8")
     before = _tree(store)
-    for path in (store, st.gens_dir(store), st.lock_path(store)):
+    for path in (store, st.gens_dir(store), st.layout(store).lock):
         with immutable(path):
             refused(path)
         assert _tree(store) == before

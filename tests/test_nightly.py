@@ -9,42 +9,9 @@ import pytest
 
 from jobs.common.config import load_profile
 from jobs.eval import job as ev
-from jobs.ingest.job import ingest
 from jobs.llm.cache import GenerationCache
-from jobs.llm.huggingface import ChatLLM
-from tests.test_eval import eval_profile
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture
-def profile_path(tmp_path, corpus_dir, minilm_path, tiny_llm, minilm_embedder):
-    path = eval_profile(tmp_path, corpus_dir, minilm_path, tiny_llm)
-    ingest(load_profile(str(path)), embedder=minilm_embedder)
-    return path
-
-
-class Calls(list):
-    """Prompts that reached the model, and beside them (``penalties``) the presence penalty each was decoded with."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.penalties: list[float] = []
-
-
-@pytest.fixture
-def model_calls(monkeypatch):
-    """Counts prompts that reach the model (cache misses), through the real generate()."""
-    calls = Calls()
-    real = ChatLLM.generate
-
-    def counting(self, prompts, on_result=None, *, presence_penalty=0.0):
-        calls.extend(prompts)
-        calls.penalties.extend([presence_penalty] * len(prompts))
-        return real(self, prompts, on_result, presence_penalty=presence_penalty)
-
-    monkeypatch.setattr(ChatLLM, "generate", counting)
-    return calls
 
 
 def set_cached_answer(profile, run, qid: str, mode: str, text: str) -> None:
@@ -61,8 +28,8 @@ def set_cached_answer(profile, run, qid: str, mode: str, text: str) -> None:
     raise AssertionError(f"no cache entry for {qid}/{mode}")
 
 
-def test_second_identical_run_generates_nothing(profile_path, model_calls):
-    profile = load_profile(str(profile_path))
+def test_second_identical_run_generates_nothing(ingested, model_calls):
+    profile = load_profile(str(ingested))
     first, df1, _, comp1 = ev.evaluate(profile)
     assert len(model_calls) == 8 and comp1 is None
     second, df2, _, comp2 = ev.evaluate(profile)
@@ -84,24 +51,24 @@ def test_second_identical_run_generates_nothing(profile_path, model_calls):
     assert len(model_calls) == 16  # --no-cache regenerates everything
 
 
-def test_prompt_or_decoding_change_invalidates_the_cache(profile_path, model_calls, monkeypatch):
-    profile = load_profile(str(profile_path))
+def test_prompt_or_decoding_change_invalidates_the_cache(ingested, model_calls, monkeypatch):
+    profile = load_profile(str(ingested))
     ev.evaluate(profile)
-    ev.evaluate(load_profile(str(profile_path), {"llm.max_new_tokens": 5}))
+    ev.evaluate(load_profile(str(ingested), {"llm.max_new_tokens": 5}))
     assert len(model_calls) == 16
     monkeypatch.setattr(ev, "PROMPT_VERSION", ev.PROMPT_VERSION + 1)
     ev.evaluate(profile)
     assert len(model_calls) == 24
-    ev.evaluate(load_profile(str(profile_path), {"llm.batch_size": 3}))  # batching does not change answers
+    ev.evaluate(load_profile(str(ingested), {"llm.batch_size": 3}))  # batching does not change answers
     assert len(model_calls) == 24
-    run, *_ = ev.evaluate(load_profile(str(profile_path), {"llm.presence_penalty": 0.5}))
+    run, *_ = ev.evaluate(load_profile(str(ingested), {"llm.presence_penalty": 0.5}))
     assert len(model_calls) == 32 and model_calls.penalties[-8:] == [0.5] * 8
     report = (run.path / "report.md").read_text(encoding="utf-8")
     assert "llm.presence_penalty" in report  # named among the settings that differ from the last run
 
 
-def test_regressions_name_exactly_the_changed_question(profile_path, capsys):
-    profile = load_profile(str(profile_path))
+def test_regressions_name_exactly_the_changed_question(ingested, capsys):
+    profile = load_profile(str(ingested))
     seed_run, *_ = ev.evaluate(profile)
     # Night 1: t2's RAG answer is right (its cache entry now says so); night 2: it is wrong again.
     set_cached_answer(profile, seed_run, "t2", "rag", "Lumen 暂不支持原生 Windows，可以在 WSL2 中使用。")
@@ -129,25 +96,25 @@ def test_regressions_name_exactly_the_changed_question(profile_path, capsys):
     assert "### Regressions (1)" in report and "| t2 " in report.split("### Regressions")[1].split("### Fixed")[0]
 
     # Alerting on the change since the baseline; --baseline picks another run to compare with.
-    code = ev.main(["--profile", str(profile_path), "--fail-under", "change.rag.keyword_hit_rate=-0.05"])
+    code = ev.main(["--profile", str(ingested), "--fail-under", "change.rag.keyword_hit_rate=-0.05"])
     assert code == 0  # night 3 equals night 2: no change
     capsys.readouterr()
     # Against night 1, one question of four dropped (-0.25): below the threshold, but four questions cannot
     # make any change significant, so the significance-gated form reports it and passes; the raw form fails.
-    code = ev.main(["--profile", str(profile_path), "--baseline", night1.run_id,
+    code = ev.main(["--profile", str(ingested), "--baseline", night1.run_id,
                     "--fail-under", "change.rag.keyword_hit_rate=-0.05"])
     out = capsys.readouterr().out
     assert code == 0 and "ok (within noise): change.rag.keyword_hit_rate = -0.250" in out
     assert "no significant regression: 1 question(s) regressed" in out
-    code = ev.main(["--profile", str(profile_path), "--baseline", night1.run_id,
+    code = ev.main(["--profile", str(ingested), "--baseline", night1.run_id,
                     "--fail-under", "rawchange.rag.keyword_hit_rate=-0.05"])
     assert code == 3 and "FAIL: rawchange.rag.keyword_hit_rate = -0.250" in capsys.readouterr().err
 
 
-def test_baseline_prefers_the_same_profile_and_names_differences(profile_path, tmp_path):
+def test_baseline_prefers_the_same_profile_and_names_differences(ingested, tmp_path):
     other_path = tmp_path / "other.toml"
-    other_path.write_text(f'extends = "{profile_path}"\nname = "other"\n', encoding="utf-8")
-    mine, other = load_profile(str(profile_path)), load_profile(str(other_path))
+    other_path.write_text(f'extends = "{ingested}"\nname = "other"\n', encoding="utf-8")
+    mine, other = load_profile(str(ingested)), load_profile(str(other_path))
     first, *_ = ev.evaluate(mine)
     _, _, _, cross = ev.evaluate(other)
     # Only another profile's run exists: compared with it, and the report says what differs.
@@ -155,20 +122,20 @@ def test_baseline_prefers_the_same_profile_and_names_differences(profile_path, t
     third, _, _, again = ev.evaluate(mine)
     assert again.baseline == first.run_id and again.differences == []  # last run of *this* profile
     # A setting outside the header (the system prompt) moves answers too: it is named, with both values.
-    _, _, _, prompted = ev.evaluate(load_profile(str(profile_path), {"llm.system_prompt": "Answer briefly."}))
+    _, _, _, prompted = ev.evaluate(load_profile(str(ingested), {"llm.system_prompt": "Answer briefly."}))
     assert prompted.baseline == third.run_id
     assert [d for d in prompted.differences if d.startswith("llm.")] == [
         f"llm.system_prompt: {mine.llm.system_prompt!r} → 'Answer briefly.'"]
 
 
-def test_a_setting_added_since_the_baseline_is_named_once_it_leaves_its_default(profile_path):
-    first, *_ = ev.evaluate(load_profile(str(profile_path)))
+def test_a_setting_added_since_the_baseline_is_named_once_it_leaves_its_default(ingested):
+    first, *_ = ev.evaluate(load_profile(str(ingested)))
     # The baseline as an older version of the job recorded it: before llm.presence_penalty existed.
     info = json.loads((first.path / "run.json").read_text(encoding="utf-8"))
     del info["config"]["llm.presence_penalty"]
     (first.path / "run.json").write_text(json.dumps(info), encoding="utf-8")
-    _, _, _, same = ev.evaluate(load_profile(str(profile_path)))
+    _, _, _, same = ev.evaluate(load_profile(str(ingested)))
     assert same.baseline == first.run_id and same.differences == []  # its default then and now
-    penalised = load_profile(str(profile_path), {"llm.presence_penalty": 0.5})
+    penalised = load_profile(str(ingested), {"llm.presence_penalty": 0.5})
     _, _, _, changed = ev.evaluate(penalised, baseline=first.run_id)
     assert changed.differences == ["llm.presence_penalty: 0.0 (its default; not a setting then) → 0.5"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from jobs.common.config import ROOT, load_profile
-from tests.test_eval import eval_profile
+from tests.conftest import eval_profile
 
 README = ROOT / "README.md"
 # Fenced blocks of shell commands (bash, sh, cron); each line is one command, comments allowed.

@@ -24,23 +24,18 @@ from jobs.ingest.source import fetch, load_manifest
 from jobs.retrieval.retriever import StoreRetriever
 from jobs.stores import embedded as st
 from tests.conftest import (
+    HEADER,
     MINI_QUESTIONS,
     BackgroundEval,
-    build_tiny_chat_model,
+    eval_profile,
     git,
+    make_server_profile,
+    many_questions,
+    store_generations,
+    store_live_generation,
     write_manifest,
     write_profile,
 )
-from tests.test_eval import eval_profile
-
-HEADER = "id,question,language,expected_keywords,expected_sources,category,notes\n"
-
-
-@pytest.fixture
-def ingested(tmp_path, corpus_dir, minilm_path, tiny_llm, minilm_embedder):
-    path = eval_profile(tmp_path, corpus_dir, minilm_path, tiny_llm)
-    ingest(load_profile(str(path)), embedder=minilm_embedder)
-    return path
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:
@@ -99,37 +94,49 @@ def test_change_threshold_without_a_baseline_is_skipped_not_failed(ingested, cap
 
 # ---- a store that moves under a reader ---------------------------------------------------------------------
 
-def test_eval_survives_three_publishes_and_reads_one_generation(tmp_path, corpus_dir, minilm_path, minilm_embedder):
-    questions = tmp_path / "many.csv"
-    rows = [f"q{i:02d},What is the default learning rate {i}?,en,3e-4,docs/en/config.md,english," for i in range(40)]
-    questions.write_text(HEADER + "\n".join(rows) + "\n", encoding="utf-8")
-    llm = build_tiny_chat_model(tmp_path / "slow-llm", hidden=256, layers=4)
-    prof = eval_profile(tmp_path, corpus_dir, minilm_path, llm, questions=questions, max_new_tokens=48)
+# The same reader on both backends; a server store takes longer to publish to, so fewer publishes fit in its eval.
+@pytest.mark.parametrize(("backend", "questions", "publishes"), [("embedded", 40, 3), ("server", 30, 2)])
+def test_an_eval_reads_one_generation_while_ingests_publish(backend, questions, publishes, request, tmp_path,
+                                                            corpus_dir, minilm_path, minilm_embedder, slow_llm):
+    questions = many_questions(tmp_path / "many.csv", questions)
+    if backend == "server":
+        url = request.getfixturevalue("chroma_server")  # started only for this backend
+        prof = make_server_profile(tmp_path, corpus_dir, minilm_path, slow_llm, url, questions=questions,
+                                   max_new_tokens=48)
+    else:
+        prof = eval_profile(tmp_path, corpus_dir, minilm_path, slow_llm, questions=questions, max_new_tokens=48)
     profile = load_profile(str(prof))
+    assert bool(profile.store.url) == (backend == "server")
     ingest(profile, embedder=minilm_embedder)
-    first = st.live_generation(profile.store.path)
+    first = store_live_generation(profile)
+    first_folder = st.live_generation(profile.store.path) if backend == "embedded" else None
 
     job = BackgroundEval(prof, tmp_path / "eval.log")
     try:
         job.wait_for_answers(tmp_path / "reports", 2)
         faq = corpus_dir / "docs/zh_cn/faq.md"
-        for night in range(3):
+        for night in range(publishes):
             faq.write_text(faq.read_text(encoding="utf-8") + f"\n\n## 更新 {night}\n\n第 {night} 次更新的内容。\n",
                            encoding="utf-8")
             assert ingest(profile, embedder=minilm_embedder).wrote
         assert job.proc.poll() is None, "the eval finished before the publishes: the test proves nothing"
-        # Collection keeps two generations, but the one the eval reads is leased: it is still there.
-        assert first.is_dir() and len(st.finished_generations(profile.store.path)) == 3
+        # A store keeps the live and the previous generation; the one the eval reads is leased: it is still there.
+        kept = store_generations(profile)
+        assert first in kept and store_live_generation(profile) != first and len(kept) == 3
+        if first_folder is not None:
+            assert first_folder.is_dir()
         assert job.wait() == 0, job.output()[-3000:]
     finally:
         job.stop()
     run = next((tmp_path / "reports").glob("*/summary.json")).parent
     results = pd.read_csv(run / "results.csv")
-    assert len(results) == 80
+    assert len(results) == 2 * len(pd.read_csv(questions))
     header = json.loads((run / "summary.json").read_text(encoding="utf-8"))["run"]
-    assert header["store_generation"] == first.name  # one generation from start to end
+    assert header["store_generation"] == first  # one generation from start to end
     ingest(profile, embedder=minilm_embedder)  # the reader is gone: now it is collected
-    assert not first.exists() and len(st.finished_generations(profile.store.path)) == 2
+    assert first not in store_generations(profile) and len(store_generations(profile)) == 2
+    if first_folder is not None:
+        assert not first_folder.exists()
 
 
 def test_readers_never_write_to_the_live_generation(ingested):
@@ -322,27 +329,6 @@ def test_an_empty_folder_becomes_a_store_and_a_foreign_one_is_refused(tmp_path, 
     with pytest.raises(JobError, match=r"folder with other files \(notes\.txt\), not a store written by jobs\.ingest"):
         ingest(other, embedder=minilm_embedder)
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"] and profile_path.is_file()
-
-
-def test_a_store_of_the_old_layout_is_still_read_and_updated(tmp_path, corpus_dir, minilm_path, minilm_embedder):
-    """Stores written before the store became a folder: a symlink beside a hidden generations folder."""
-    manifest = write_manifest(tmp_path / "m.toml", ref="main", sources=[("folder", str(corpus_dir))])
-    store = tmp_path / "stores" / "old"
-    profile = load_profile(str(write_profile(tmp_path / "p.toml", embedder=minilm_path, corpus=manifest,
-                                             store=tmp_path / "stores" / "new", cache=tmp_path / "c")))
-    ingest(profile, embedder=minilm_embedder)
-    gens = tmp_path / "stores" / ".old.gens"
-    (tmp_path / "stores" / "new" / "gens").rename(gens)
-    live = next(gens.iterdir())
-    store.symlink_to(os.path.relpath(live, store.parent))
-    old = load_profile(str(write_profile(tmp_path / "o.toml", embedder=minilm_path, corpus=manifest, store=store,
-                                         cache=tmp_path / "c")))
-    with StoreRetriever(old, minilm_embedder) as r:
-        assert r.retrieve("learning rate", 3)
-    (corpus_dir / "docs/en/new.md").write_text("# New\n\nA new page about warmup ratios and schedules.\n",
-                                               encoding="utf-8")
-    assert ingest(old, embedder=minilm_embedder).added > 0
-    assert store.is_symlink() and st.live_generation(store).parent == gens
 
 
 def test_killed_reader_leaves_no_private_copy_behind(ingested, tmp_path):

@@ -19,9 +19,7 @@ from jobs.retrieval.retriever import StoreRetriever
 from jobs.retrieval.rewrite import QueryRewriter, clean, language_of, load_rewriter
 from jobs.stores.lexical import field_text, lexical_spec
 from jobs.tools.tune import sweep
-from tests.conftest import MINI_QUESTIONS
-from tests.test_eval import eval_profile
-from tests.test_nightly import model_calls  # noqa: F401 - a fixture
+from tests.conftest import MINI_QUESTIONS, eval_profile
 
 
 @pytest.fixture
@@ -44,7 +42,7 @@ def test_helpers():
     assert field_text("text", "", 3) == "text" and lexical_spec(1) == "bm25 tokenizer v1"
 
 
-def test_rewrites_are_generated_once_cached_and_fused(rewriting, minilm_embedder, model_calls):  # noqa: F811
+def test_rewrites_are_generated_once_cached_and_fused(rewriting, minilm_embedder, model_calls):
     profile = load_profile(str(rewriting))
     rewriter = load_rewriter(profile)
     assert isinstance(rewriter, QueryRewriter)
@@ -79,7 +77,7 @@ def test_eval_records_and_shows_each_rewrite(rewriting):
     assert "translation by" in header["retrieval"]
 
 
-def test_a_presence_penalty_decodes_the_answers_never_the_translations(rewriting, model_calls):  # noqa: F811
+def test_a_presence_penalty_decodes_the_answers_never_the_translations(rewriting, model_calls):
     # The retrieval settings were tuned on plain greedy translations: a penalty for answers must not reach them.
     ev.evaluate(load_profile(str(rewriting), {"llm.presence_penalty": 0.5}))
     # One step: the questions' translations first, then their 8 answers (bare and RAG).
@@ -116,7 +114,7 @@ def test_heading_weight_is_recorded_and_a_change_rebuilds_only_the_lexical_index
         assert hits and hits[0].path == "README.md"
 
 
-def test_only_questions_outside_the_target_language_are_translated(rewriting, model_calls):  # noqa: F811
+def test_only_questions_outside_the_target_language_are_translated(rewriting, model_calls):
     profile = load_profile(str(rewriting), {"retrieval.rewrite_into": "zh"})
     rewriter = load_rewriter(profile)
     rewriter.prepare(["What is the default learning rate in Lumen?", "Lumen 支持 Windows 吗？"])

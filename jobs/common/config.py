@@ -170,8 +170,7 @@ class ServeConfig:
     # CPU threads; 0 = the CPU budget of this machine (its cgroup quota).
     threads: int = _in(0, 256, 0)
     # How the server's OpenMP threads wait for work (OMP_WAIT_POLICY). "active" spins: fastest on a machine
-    # of its own (measured here: decode 87 tokens/s against 31 passive). "passive" sleeps: better when other
-    # work shares the cores (with one core busy: decode 58 tokens/s passive, 24 active).
+    # of its own. "passive" sleeps: better when other work shares the cores (decision D11).
     wait_policy: str = "active"
 
 

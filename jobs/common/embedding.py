@@ -112,9 +112,6 @@ class Embedder:
             out[i] = vec
         return out
 
-    def embed_query(self, text: str) -> list[float]:
-        return self.model.get_query_embedding(text)
-
     def spec(self) -> dict[str, str]:
         """The part of the identity known without loading the model."""
         return {"embedder": self.name, "query_prefix": self.query_prefix, "passage_prefix": self.passage_prefix}

@@ -25,27 +25,18 @@ from jobs.common.errors import JobError
 from jobs.common.files import atomic_write
 from jobs.eval.drift import DocsChange, docs_change
 from jobs.eval.results import RUN_INFO, SUMMARY, RunDir, format_sources
-from jobs.eval.scoring import copying
+from jobs.eval.scoring import metrics as M
 from jobs.eval.scoring import statistics as stats
-from jobs.eval.scoring.summary import LOWER_BETTER, METRICS, OVERALL, metric
+from jobs.eval.scoring.score import abstain_phrases, score_answers
+from jobs.eval.scoring.summary import METRICS, OVERALL, metric
 
 log = logging.getLogger(__name__)
 
 HISTORY = "history.csv"
-# (column, metric key) of the headline numbers kept per run.
-HEADLINE = (
-    ("bare_keyword_hit", "bare.keyword_hit_rate"),
-    ("rag_keyword_hit", "rag.keyword_hit_rate"),
-    ("rag_strict_keyword_hit", "rag.strict_keyword_hit_rate"),
-    ("rag_passage_dumps", "rag.passage_dump"),
-    ("rag_gain", "gain.keyword_hit_rate"),
-    ("rag_all_keywords", "rag.all_keywords_hit"),
-    ("rag_hit_at_5", "rag.hit_at_5"),
-    ("rag_mrr", "rag.mrr"),
-    ("rag_abstention", "rag.abstention"),
-)
-DELTA_METRICS = ("keyword_hit_rate", "strict_keyword_hit_rate", "passage_dump", "passed", "abstention", "hit_at_1",
-                 "hit_at_5", "mrr")
+# (column, metric key) of the headline numbers kept per run (jobs.eval.scoring.metrics, ``history``).
+HEADLINE = M.history_columns()
+# The metrics whose change since the baseline is tested and shown.
+DELTA_METRICS = M.names(between_runs=True)
 # Settings whose change explains a change in results; named in the report when they differ.
 COMPARED = ("profile", "llm", "llm_revision", "llm_dtype", "llm_device", "embedder", "retrieval", "corpus_commit",
             "prompt_version", "max_new_tokens", "store")
@@ -233,34 +224,35 @@ class Comparison:
             rows.setdefault((c.group, c.mode), {"category": c.group, "mode": c.mode})[c.metric] = c.delta
         return pd.DataFrame(list(rows.values()))
 
-    def regression(self) -> tuple[bool, str]:
+    def regression(self, *, floor: bool = True) -> tuple[bool, str]:
         """Whether the night is a real regression: a headline number got significantly worse (dropped, or
-        for passage dumps, rose)."""
+        for passage dumps, rose). ``floor``: a night within noise says how large a change the questions can
+        detect (the report's verdict says so on a line of its own)."""
         drops = [c for mode, metric in VERDICT_METRICS
                  if (c := stats.find(self.changes, metric, mode)) is not None and c.significant
-                 and (c.delta > 0 if metric in LOWER_BETTER else c.delta < 0)]
+                 and M.get(metric).worse(c.delta)]
         if drops:
             return True, "real regression: " + "; ".join(f"{c.mode} {c.metric} {c.describe()}" for c in drops)
         n = int(self.now[self.now["mode"] == "rag"]["id"].nunique())
         detectable = stats.smallest_detectable(n)
-        floor = (f"; on {n} questions a pass rate must move by at least {detectable:.2f} "
-                 f"({stats.min_same_way()} questions the same way) to be significant") if detectable else \
+        detail = (f"; on {n} questions a pass rate must move by at least {detectable:.2f} "
+                  f"({stats.min_same_way()} questions the same way) to be significant") if detectable else \
             f"; {n} questions are too few for any change to be significant"
         return False, (f"no significant regression: {len(self.regressions)} question(s) regressed and "
-                       f"{len(self.fixed)} fixed, within noise{floor}")
+                       f"{len(self.fixed)} fixed, within noise{detail if floor else ''}")
 
 
-# Headline numbers whose significant drop makes a night a real regression.
-VERDICT_METRICS = (("rag", "keyword_hit_rate"), ("rag", "strict_keyword_hit_rate"), ("rag", "passage_dump"),
-                   ("rag", "passed"), ("gain", "keyword_hit_rate"), ("rag", "abstention"), ("rag", "hit_at_5"),
-                   ("rag", "mrr"))
+# (mode, metric) of the headline numbers whose significant drop (for passage dumps: rise) makes a night a
+# real regression (jobs.eval.scoring.metrics, ``verdict``).
+VERDICT_METRICS = M.verdict_metrics()
 
 
 def compare(header: dict, df: pd.DataFrame, current: RunDir, baseline: RunDir) -> Comparison:
     base_summary = json.loads((baseline.path / SUMMARY).read_text(encoding="utf-8"))
     base_header = base_summary.get("run", {})
-    # Scored again from its answers: a baseline from before a score existed is compared on it all the same.
-    base_df = copying.annotate(pd.read_json(baseline.path / "results.jsonl", lines=True, dtype=False))
+    # Scored again from its answers through the same stage as tonight's (jobs.eval.scoring.score, with its own
+    # abstain phrases): a baseline from before a score existed, or a scoring fix, is compared on it all the same.
+    base_df = score_answers(baseline.results(), abstain_phrases(baseline.info()))
     differences = [f"{k}: {base_header.get(k)!s} → {header.get(k)!s}" for k in COMPARED
                    if str(base_header.get(k)) != str(header.get(k))]
     now_config, then_config = current.info().get("config", {}), baseline.info().get("config", {})

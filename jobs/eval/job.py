@@ -1,4 +1,5 @@
-"""Eval job: questions -> answers (bare and RAG) -> scores -> report.
+"""Eval job: questions -> answers (bare and RAG) -> scores -> report (the last two: jobs.eval.finish, as for a
+re-report).
 
     python -m jobs.eval --profile offline [--questions CSV] [--resume [RUN]] [--baseline RUN] [--no-cache]
                         [--fail-under rag.keyword_hit_rate=0.3] [--fail-under change.rag.keyword_hit_rate=-0.05]
@@ -18,7 +19,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,30 +30,20 @@ from tqdm import tqdm
 from jobs import stores
 from jobs.common import log as joblog
 from jobs.common.config import Profile, load_profile, overrides_from_cli
-from jobs.common.embedding import load_embedder
-from jobs.common.errors import EXIT_STOPPED, JobError  # 4: a server went away or a disk filled
-from jobs.common.files import atomic_write
+from jobs.common.embedding import Embedder, load_embedder
+from jobs.common.errors import EXIT_STOPPED, JobError  # noqa: F401 - exit 4 (a server went away, a disk filled)
 from jobs.common.questions import Question, QuestionSet, load_questions
 from jobs.common.urls import redact
 from jobs.eval.drift import save_corpus_files
-from jobs.eval.history import (
-    Comparison,
-    compare,
-    find_baseline,
-    history_with,
-    load_history,
-    named_baseline,
-    save_history,
-)
+from jobs.eval.finish import finish_run, headline, kept
+from jobs.eval.history import Comparison, load_history, named_baseline
 from jobs.eval.prompts import PROMPT_VERSION, bare_user_message, rag_user_message
-from jobs.eval.report import summary_table, write_report, write_summary
-from jobs.eval.results import RunDir, point_latest
-from jobs.eval.scoring import attribution, copying
-from jobs.eval.scoring import keywords as kw
-from jobs.eval.scoring.summary import MODES, metric, summarise_run
+from jobs.eval.report import summary_table
+from jobs.eval.results import RunDir
+from jobs.eval.scoring.summary import MODES
 from jobs.eval.thresholds import Threshold
 from jobs.llm import ChatModel, Completion, ServerLost, load_llm
-from jobs.llm.cache import GenerationCache
+from jobs.llm.cache import CachedChatModel, GenerationCache
 from jobs.retrieval.fusion import file_ranking
 from jobs.retrieval.retriever import StoreRetriever
 from jobs.retrieval.rewrite import load_rewriter
@@ -73,17 +64,6 @@ class Job:
     mode: str
     prompt: str
     extra: dict
-
-
-def score_answer(q: Question, answer: str, phrases: tuple[str, ...]) -> dict:
-    """Keyword hits and abstention; a failed answer (empty) scores no hit and no abstention."""
-    hits = kw.keyword_hits(answer, q.expected_keywords)
-    return {
-        "keyword_hits": "|".join("1" if h else "0" for h in hits),
-        "keyword_hit_rate": kw.keyword_hit_rate(answer, q.expected_keywords),
-        "all_keywords_hit": (all(hits) if hits else None),
-        "abstained": kw.abstained(answer, phrases),
-    }
 
 
 def make_jobs(q: Question, modes: set[str], llm: ChatModel, retriever: StoreRetriever, profile: Profile) -> list[Job]:
@@ -110,46 +90,17 @@ def make_jobs(q: Question, modes: set[str], llm: ChatModel, retriever: StoreRetr
     return jobs
 
 
-OnAnswer = Callable[[int, Completion, bool], None]
-
-
-def answer(llm: ChatModel, cache: GenerationCache, prompts: list[str], on_answer: OnAnswer,
-           presence_penalty: float = 0.0) -> None:
-    """Answers for prompts, from the cache where possible and generated otherwise; ``on_answer(index,
-    completion, cached)`` as each one is ready. Failed answers are passed on but never cached."""
-    fingerprint = {**llm.fingerprint(), "prompt_version": PROMPT_VERSION}
-    if presence_penalty:  # keyed only when set: the answers cached without it stay valid
-        fingerprint["presence_penalty"] = presence_penalty
-    keys = [cache.key(fingerprint, p) for p in prompts]
-    missing = []
-    for i, key in enumerate(keys):
-        found = cache.get(key, prompts[i])
-        if found is None:
-            missing.append(i)
-        else:
-            on_answer(i, Completion(text=found["text"], prompt=prompts[i], prompt_tokens=found["prompt_tokens"],
-                                    answer_tokens=found["answer_tokens"], seconds=found["seconds"]), True)
-
-    def generated(k: int, completion: Completion) -> None:
-        i = missing[k]
-        on_answer(i, completion, False)  # the answer is the run's first; the cache only saves a later run time
-        if not completion.error:
-            cache.put(keys[i], prompts[i], text=completion.text, prompt_tokens=completion.prompt_tokens,
-                      answer_tokens=completion.answer_tokens, seconds=completion.seconds)
-
-    if missing:
-        llm.generate([prompts[i] for i in missing], on_result=generated, presence_penalty=presence_penalty)
-
-
-def record(job: Job, completion: Completion, cached: bool, phrases: tuple[str, ...]) -> dict:
+def record(job: Job, completion: Completion) -> dict:
+    """One answer as recorded: what was asked and expected, the answer, what retrieval gave the model, timings
+    and errors. It is scored later, from this record alone (jobs.eval.scoring.score), like a re-report's."""
     q = job.question
     return {
         "id": q.id, "category": q.category, "language": q.language, "mode": job.mode, "question": q.question,
         "expected_keywords": "|".join(q.expected_keywords), "expected_sources": "|".join(q.expected_sources),
         "answer": completion.text,
-        **score_answer(q, completion.text, phrases),
         "hit_at_1": None, "hit_at_3": None, "hit_at_5": None, "mrr": None, "retrieved": "[]", "ranked_files": "[]",
-        "retrieve_s": None, "generate_s": round(completion.seconds, 4), "cached": cached, "error": completion.error,
+        "retrieve_s": None, "generate_s": round(completion.seconds, 4), "cached": completion.cached,
+        "error": completion.error,
         "prompt_tokens": completion.prompt_tokens, "answer_tokens": completion.answer_tokens,
         "prompt_sha1": hashlib.sha1(completion.prompt.encode("utf-8")).hexdigest(),
         **job.extra,
@@ -177,44 +128,6 @@ def results_frame(records: list[dict], order: list[str]) -> pd.DataFrame:
     return df.sort_values(["_order", "mode"]).drop(columns="_order").reset_index(drop=True)
 
 
-def headline(summary: dict, header: dict | None = None) -> str:
-    def f(key: str) -> str:
-        v = metric(summary, key)
-        return "–" if v is None else f"{v:.2f}"
-
-    failed = "" if summary.get("outcome", "ok") == "ok" else \
-        f"**FAILED: {(header or {}).get('answers failed', '?')} answers failed; not a baseline.** "
-    return (f"{failed}keyword hit bare {f('bare.keyword_hit_rate')} → RAG {f('rag.keyword_hit_rate')} "
-            f"(gain {f('gain.keyword_hit_rate')}; {f('rag.strict_keyword_hit_rate')} not crediting passage dumps, "
-            f"{f('rag.passage_dump')} of RAG answers); hit@5 {f('rag.hit_at_5')}, MRR {f('rag.mrr')}; "
-            f"abstention on negatives bare {f('bare.abstention')} / RAG {f('rag.abstention')}")
-
-
-def write_outputs(run: RunDir, profile: Profile, header: dict, df: pd.DataFrame, summary: dict,
-                  comparison: Comparison | None) -> None:
-    """Results, the report, the history row, then summary.json (it marks the run finished) and latest.md. A
-    write that fails (a full disk) leaves the run unfinished with every answer kept: ``--resume`` finishes it."""
-    reports = profile.eval.reports_dir
-    try:
-        atomic_write(run.path / "results.csv", df.to_csv(index=False))
-        atomic_write(run.path / "results.jsonl",
-                     "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in df.to_dict(orient="records")))
-        history = history_with(reports, run, header, summary)
-        write_report(run, header, df, summary, comparison, history)
-        save_history(reports, history)
-        write_summary(run, header, summary)
-        point_latest(reports, run, headline(summary, header))
-    except OSError as exc:
-        raise _kept(run, f"could not write the run's outputs ({exc.strerror or exc}: {exc.filename})",
-                    "free some space (or make the folder writable)") from None
-
-
-def _kept(run: RunDir, what: str, fix: str) -> JobError:
-    """A run stopped half-way: every answer so far is in its progress file, and ``--resume`` continues it."""
-    return JobError(f"{what}: every answer so far is kept in {run.path}; {fix}, then run the eval again with "
-                    f"`--resume {run.run_id}` to finish it without asking them again", exit_code=EXIT_STOPPED)
-
-
 def outcome(df: pd.DataFrame, max_failed_share: float) -> tuple[str, str]:
     """("ok" or "failed answers", the line that counts the failed answers)."""
     errors = df["error"].fillna("").astype(str)
@@ -234,25 +147,109 @@ def stale_sources(questions: Sequence[Question], stored: set[str]) -> dict[str, 
     return {qid: missing for qid, missing in stale.items() if missing}
 
 
-def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = False, resume_run: str | None = None,
-             limit: int | None = None, baseline: str | None = None, use_cache: bool = True,
-             thresholds: Sequence[Threshold] = (), ingest_first: bool = False,
-             source: str | None = None) -> tuple[RunDir, pd.DataFrame, dict, Comparison | None]:
-    """One run. ``ingest_first``: bring the store up to date first (``make eval``), with the same profile and
-    embedder, once the inputs are checked; ``source`` overrides the corpus manifest's sources for it."""
-    # Everything that can be wrong with the inputs is found before any model loads or any file is written.
+@dataclass
+class Inputs:
+    """A run's inputs, checked in full before any model loads or any file is written."""
+
+    questions: QuestionSet
+    selected: list[Question]
+    info: dict
+    run: RunDir | None  # the interrupted run to continue (--resume), else None
+
+
+def check_inputs(profile: Profile, *, questions: Path | None, limit: int | None, thresholds: Sequence[Threshold],
+                 baseline: str | None, resume: bool, resume_run: str | None) -> Inputs:
     qs = load_questions(questions or profile.eval.questions, profile.eval.max_question_chars)
     for t in thresholds:
         t.check(qs)
     if limit is not None and limit < 1:
         raise JobError(f"--limit {limit}: must be at least 1")
-    selected = list(qs.questions[:limit] if limit else qs.questions)
     info = run_info(profile, qs)
     reports = profile.eval.reports_dir
     load_history(reports)  # a damaged history is found (and rebuilt) now, not after the answers
     if baseline:
         named_baseline(reports, baseline)
     run = RunDir.resume(reports, profile.name, info, resume_run) if resume else None
+    return Inputs(qs, list(qs.questions[:limit] if limit else qs.questions), info, run)
+
+
+def answer_all(run: RunDir, selected: list[Question], done: dict[tuple[str, str], dict], answers: ChatModel,
+               retriever: StoreRetriever, profile: Profile, stale: dict[str, list[str]]) -> dict[str, int]:
+    """Every (question, mode) not in ``done`` answered, a step of questions at a time, each answer appended to the
+    run as it lands; returns how many were generated, came from the cache, or failed."""
+    counts = {"generated": 0, "cached": 0, "failed": 0}
+    step = answers.questions_per_step
+    with tqdm(total=len(selected) * len(MODES), initial=len(done), desc="answers", unit="answer") as bar:
+        for i in range(0, len(selected), step):
+            try:
+                if retriever.rewriter is not None:  # the step's rewrites in one batch, before its retrievals
+                    retriever.rewriter.prepare([q.question for q in selected[i:i + step] if (q.id, "rag") not in done])
+                jobs = [j for q in selected[i:i + step] for j in make_jobs(
+                    q, {m for m in MODES if (q.id, m) not in done}, answers, retriever, profile)]
+            except Exception as exc:
+                if not profile.store.url or isinstance(exc, JobError):
+                    raise
+                # A server store that stops answering mid-run: the answers so far are kept.
+                raise kept(run, f"lost the Chroma server at {redact(profile.store.url)} while retrieving "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})",
+                           "start the server again") from None
+
+            def on_answer(k: int, completion: Completion, jobs: list[Job] = jobs) -> None:
+                rec = record(jobs[k], completion)
+                rec["missing_sources"] = "|".join(stale.get(rec["id"], [])) if rec["mode"] == "rag" else ""
+                try:
+                    run.append(rec)  # each answer is durable as soon as it exists
+                except OSError as exc:
+                    raise kept(run, f"could not record an answer ({exc.strerror or exc}: {run.path})",
+                               "free some space (or make the folder writable)") from None
+                done[(rec["id"], rec["mode"])] = rec
+                counts["failed" if completion.error else "cached" if completion.cached else "generated"] += 1
+                bar.update(1)
+
+            try:
+                answers.generate([j.prompt for j in jobs], on_answer, presence_penalty=profile.llm.presence_penalty)
+            except ServerLost as exc:
+                raise kept(run, str(exc), "start the model server again") from None
+    return counts
+
+
+def run_header(run: RunDir, profile: Profile, inputs: Inputs, llm: ChatModel, embedder: Embedder,
+               retriever: StoreRetriever, records: pd.DataFrame, counts: dict[str, int], n_kept: int | None,
+               cache_rejected: int, wall: float) -> dict:
+    """What answered, over what, and how: the report's Run table and summary.json's header."""
+    qs, n = inputs.questions, len(inputs.selected)
+    info = retriever.build_info
+    return {
+        "run": run.run_id, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "profile": profile.name, **llm.identity(), "embedder": embedder.name,
+        "embedder_device": f"{embedder.device} ({embedder.dtype_name})",
+        "retrieval": f"{retriever.describe()} top-{profile.retrieval.top_k} (ranking depth "
+                     f"{profile.retrieval.check_depth})",
+        "corpus_commit": info.get("corpus_commit", ""),
+        "store_generation": retriever.generation,
+        "store": f"{stores.describe(profile)}: {info.get('chunks')} chunks of ≤{info.get('chunk_size')} tokens, "
+                 f"built {info.get('built_at')}",
+        "questions": f"{qs.path.name} ({n} questions, sha256 {qs.sha256[:12]})",
+        "prompt_version": PROMPT_VERSION,
+        "answers generated": counts["generated"],
+        "answers from cache": counts["cached"],
+        **({"answers kept from the interrupted run": n_kept} if n_kept is not None else {}),
+        "answers failed": int((records["error"].fillna("") != "").sum()),
+        **({"cache entries regenerated (damaged or edited)": cache_rejected} if cache_rejected else {}),
+        "wall_s": round(wall, 1),
+        "questions_per_s": round(n / wall, 4) if wall > 0 else None,
+    }
+
+
+def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = False, resume_run: str | None = None,
+             limit: int | None = None, baseline: str | None = None, use_cache: bool = True,
+             thresholds: Sequence[Threshold] = (), ingest_first: bool = False,
+             source: str | None = None) -> tuple[RunDir, pd.DataFrame, dict, Comparison | None]:
+    """One run: questions -> answers, then ``finish_run`` scores them and writes the report. ``ingest_first``:
+    bring the store up to date first (``make eval``), with the same profile and embedder, once the inputs are
+    checked; ``source`` overrides the corpus manifest's sources for it."""
+    inputs = check_inputs(profile, questions=questions, limit=limit, thresholds=thresholds, baseline=baseline,
+                          resume=resume, resume_run=resume_run)
     embedder = load_embedder(profile)
     if ingest_first:
         from jobs.ingest.job import ingest
@@ -263,85 +260,35 @@ def evaluate(profile: Profile, *, questions: Path | None = None, resume: bool = 
     try:
         # All the run needs from the store besides retrieval, read now: after the answers nothing touches it.
         file_hashes = retriever.file_hashes()
-        stale = stale_sources(selected, set(file_hashes))
+        stale = stale_sources(inputs.selected, set(file_hashes))
         for qid, missing in stale.items():
             log.warning("question %s: expected source(s) not in the store: %s", qid, ", ".join(missing))
         llm = load_llm(profile)
-        retriever.rewriter = load_rewriter(profile, llm)
-        run = run or RunDir.create(reports, profile.name, info)
+        # One cache for answers and rewrites alike; --no-cache (use_cache=False) stops its reads for both.
         cache = GenerationCache(profile.paths.cache / "generations", enabled=use_cache)
+        retriever.rewriter = load_rewriter(profile, llm, cache)
+        run = inputs.run or RunDir.create(profile.eval.reports_dir, profile.name, inputs.info)
         # Failed answers of an interrupted run are asked again; the rest are kept.
-        done = {key: rec for key, rec in run.done().items() if not rec.get("error")}
-        kept = sum((q.id, m) in done for q in selected for m in MODES)
-        counts = {"generated": 0, "cached": 0, "failed": 0}
+        ids = {q.id for q in inputs.selected}
+        done = {key: rec for key, rec in run.done().items() if not rec.get("error") and key[0] in ids}
+        n_kept = len(done)
         started = time.perf_counter()
-        phrases = profile.eval.abstain_phrases
-        step = llm.questions_per_step
-        with tqdm(total=len(selected) * len(MODES), initial=kept, desc="answers", unit="answer") as bar:
-            for i in range(0, len(selected), step):
-                try:
-                    if retriever.rewriter is not None:  # the step's rewrites in one batch, before its retrievals
-                        retriever.rewriter.prepare([q.question for q in selected[i:i + step]
-                                                    if (q.id, "rag") not in done])
-                    jobs = [j for q in selected[i:i + step] for j in make_jobs(
-                        q, {m for m in MODES if (q.id, m) not in done}, llm, retriever, profile)]
-                except Exception as exc:
-                    if not profile.store.url or isinstance(exc, JobError):
-                        raise
-                    # A server store that stops answering mid-run: the answers so far are kept.
-                    raise _kept(run, f"lost the Chroma server at {redact(profile.store.url)} while retrieving "
-                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})",
-                                "start the server again") from None
-
-                def on_answer(k: int, completion: Completion, cached: bool, jobs: list[Job] = jobs) -> None:
-                    rec = record(jobs[k], completion, cached, phrases)
-                    rec["missing_sources"] = "|".join(stale.get(rec["id"], [])) if rec["mode"] == "rag" else ""
-                    try:
-                        run.append(rec)  # each answer is durable as soon as it exists
-                    except OSError as exc:
-                        raise _kept(run, f"could not record an answer ({exc.strerror or exc}: {run.path})",
-                                    "free some space (or make the folder writable)") from None
-                    done[(rec["id"], rec["mode"])] = rec
-                    counts["failed" if completion.error else "cached" if cached else "generated"] += 1
-                    bar.update(1)
-
-                try:
-                    answer(llm, cache, [j.prompt for j in jobs], on_answer, profile.llm.presence_penalty)
-                except ServerLost as exc:
-                    raise _kept(run, str(exc), "start the model server again") from None
+        counts = answer_all(run, inputs.selected, done, CachedChatModel(llm, cache, {"prompt_version": PROMPT_VERSION}),
+                            retriever, profile, stale)
         wall = time.perf_counter() - started
-        df = copying.annotate(attribution.annotate(results_frame([done[(q.id, m)] for q in selected for m in MODES],
-                                                                 [q.id for q in selected])))
-        summary = summarise_run(df)
-        summary["outcome"] = outcome(df, profile.eval.max_failed_share)[0]
+        # The answers as recorded; scored after, with everything else the run writes (jobs.eval.finish).
+        records = results_frame([done[(q.id, m)] for q in inputs.selected for m in MODES],
+                                [q.id for q in inputs.selected])
         try:
             save_corpus_files(run.path, retriever.build_info.get("corpus_commit", ""), file_hashes)
         except OSError as exc:
-            raise _kept(run, f"could not write the run's outputs ({exc.strerror or exc}: {exc.filename})",
-                        "free some space (or make the folder writable)") from None
-        header = {
-            "run": run.run_id, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "profile": profile.name, **llm.identity(), "embedder": embedder.name,
-            "embedder_device": f"{embedder.device} ({embedder.dtype_name})",
-            "retrieval": f"{retriever.describe()} top-{profile.retrieval.top_k} (ranking depth "
-                         f"{profile.retrieval.check_depth})",
-            "corpus_commit": retriever.build_info.get("corpus_commit", ""),
-            "store_generation": retriever.generation,
-            "store": f"{stores.describe(profile)}: {retriever.build_info.get('chunks')} chunks of ≤"
-                     f"{retriever.build_info.get('chunk_size')} tokens, built {retriever.build_info.get('built_at')}",
-            "questions": f"{qs.path.name} ({len(selected)} questions, sha256 {qs.sha256[:12]})",
-            "prompt_version": PROMPT_VERSION,
-            "answers generated": counts["generated"],
-            "answers from cache": counts["cached"],
-            **({"answers kept from the interrupted run": kept} if resume else {}),
-            "answers failed": int((df["error"].fillna("") != "").sum()),
-            **({"cache entries regenerated (damaged or edited)": cache.rejected} if cache.rejected else {}),
-            "wall_s": round(wall, 1),
-            "questions_per_s": round(len(selected) / wall, 4) if wall > 0 else None,
-        }
-        base = find_baseline(reports, run, baseline)
-        comparison = compare(header, df, run, base) if base else None
-        write_outputs(run, profile, header, df, summary, comparison)
+            raise kept(run, f"could not write the run's outputs ({exc.strerror or exc}: {exc.filename})",
+                       "free some space (or make the folder writable)") from None
+        header = run_header(run, profile, inputs, llm, embedder, retriever, records, counts,
+                            n_kept if resume else None, cache.rejected, wall)
+        df, summary, comparison = finish_run(run, header, records, abstain_phrases=profile.eval.abstain_phrases,
+                                             outcome=outcome(records, profile.eval.max_failed_share)[0],
+                                             baseline=baseline, reports_dir=profile.eval.reports_dir)
         return run, df, summary, comparison
     finally:
         retriever.close()
@@ -371,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="", metavar="RUN",
                    help="continue the newest unfinished run with the same settings (or RUN) instead of starting anew")
     p.add_argument("--baseline", metavar="RUN", help="compare with this run (default: the previous comparable one)")
-    p.add_argument("--no-cache", action="store_true", help="regenerate every answer (the cache is still refreshed)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="regenerate every answer and query rewrite (the cache is still refreshed)")
     p.add_argument("--fail-under", action="append", default=[], metavar="[change.]MODE.METRIC=MIN",
                    help="exit 3 when an overall metric is below MIN: rag.hit_at_5=0.8, gain.keyword_hit_rate=0.2 "
                         "(RAG minus bare), change.rag.keyword_hit_rate=-0.05 (since the baseline run)")

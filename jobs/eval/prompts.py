@@ -3,9 +3,8 @@
 The RAG instructions are written in the question's language: small models copy instructions in the
 other language into their answers. They ask the model to quote the context's sentences that answer the
 question word for word first, then answer with its exact names, commands, options and numbers (version 4):
-users need these verbatim, and a small model otherwise paraphrases them away. Chosen on both development sets
-with offline-zh, RAG keyword hit pooled 0.271 -> 0.290 (version 3 -> 4; hard 0.15 -> 0.19, dev 0.40 -> 0.40;
-within noise), at the price of more answers wrongly saying the docs do not cover it (3 -> 9 of 85).
+users need these verbatim, and a small model otherwise paraphrases them away (decisions D15, D17 in
+docs/decisions.md; quote-first costs some false "not covered" answers).
 Bump PROMPT_VERSION whenever a template changes: runs record it, and cached answers key on it.
 """
 

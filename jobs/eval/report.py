@@ -1,6 +1,7 @@
-"""The markdown report, built from pandas DataFrames: header, summary with intervals, why RAG answers
-failed, which copied their passages, what changed since the last run (and what a docs update did),
-latency, then every question.
+"""The markdown report, built from pandas DataFrames, answers first: the verdict (RAG against bare, since
+the last run, the stage to fix first, the questions that moved, what the set can detect), then the answer
+and retrieval scores with intervals, why RAG answers failed, which copied their passages, what changed
+since the last run (and what a docs update did), latency, every question, and the run's settings last.
 
 Every cell goes through ``escape_cell`` so that pipes, newlines, HTML and code fences in model
 answers cannot break a table.
@@ -17,9 +18,10 @@ import pandas as pd
 
 from jobs.common.files import atomic_write
 from jobs.eval.drift import DocsChange
-from jobs.eval.history import Comparison, compare, find_baseline, load_history, run_outcome
+from jobs.eval.history import Comparison, run_outcome
 from jobs.eval.results import SUMMARY, RunDir, format_sources
 from jobs.eval.scoring import attribution, copying
+from jobs.eval.scoring import metrics as M
 from jobs.eval.scoring import statistics as stats
 from jobs.eval.scoring.summary import MODES, OVERALL
 
@@ -57,53 +59,68 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def _with_ci(value: float | None, ci: list[float] | None, signed: bool = False) -> str:
+    """``0.48 (0.36–0.60)``, or signed ``+0.27 (+0.10…+0.44)`` (a dash between signed numbers reads as a minus)."""
     if value is None or pd.isna(value):
         return "–"
     number = f"{value:+.2f}" if signed else f"{value:.2f}"
     if not ci:
         return number
-    low, high = (f"{v:+.2f}" if signed else f"{v:.2f}" for v in ci)
-    return f"{number} ({low}–{high})"
+    if signed:
+        return f"{number} ({ci[0]:+.2f}…{ci[1]:+.2f})"
+    return f"{number} ({ci[0]:.2f}–{ci[1]:.2f})"
 
 
-def summary_table(summary: dict) -> pd.DataFrame:
-    """Per category and overall; each number with its 95% interval over questions, where there are 2 or more."""
+def _intervals_whole(df: pd.DataFrame) -> pd.DataFrame:
+    """A score table for the report: a word joiner (invisible) after each interval's dash, so a narrow rendered
+    table wraps a cell between the number and its interval, never inside the interval. (Not for a terminal:
+    tabulate counts the joiner as a column.)"""
+    return df.map(lambda v: v.replace("–", "–\u2060").replace("…", "…\u2060") if isinstance(v, str) and "(" in v
+                  else v)
+
+
+# The report's two score tables (jobs.eval.scoring.metrics, ``report``): the answers' scores, and retrieval's
+# (the metrics measured against expected sources, RAG only).
+ANSWER_METRICS = tuple(m.name for m in M.TABLE if m.report and m.needs != M.SOURCES)
+RETRIEVAL_METRICS = tuple(m.name for m in M.TABLE if m.report and m.needs == M.SOURCES)
+_MODE_NAMES = {"bare": "bare", "rag": "RAG", "gain": "gain"}
+
+
+def _score_groups(summary: dict) -> list[tuple[str, dict]]:
+    return [(cat, v) for cat, v in sorted(summary["by_category"].items())] + [(OVERALL, summary[OVERALL])]
+
+
+def scores_table(summary: dict, metrics: tuple[str, ...], *, mode_in_header: bool = True) -> pd.DataFrame:
+    """Per category and overall, one column per metric and mode the metric table puts in the report; each
+    number with its 95% interval over questions, where there are 2 or more. Gain = RAG minus bare, paired."""
     rows = []
     intervals = summary.get("intervals", {})
-    groups = [(cat, v) for cat, v in sorted(summary["by_category"].items())] + [(OVERALL, summary[OVERALL])]
-    for name, by_mode in groups:
-        bare, rag = by_mode.get("bare", {}), by_mode.get("rag", {})
+    for name, by_mode in _score_groups(summary):
         ci = intervals.get(name, {})
-
-        def cell(mode: str, metric: str, values: dict, ci: dict = ci) -> str:
-            return _with_ci(values.get(metric), ci.get(mode, {}).get(metric))
-
-        gain = None if rag.get("keyword_hit_rate") is None or bare.get("keyword_hit_rate") is None else \
-            rag["keyword_hit_rate"] - bare["keyword_hit_rate"]
-        rows.append({
-            "category": f"**{name}**" if name == OVERALL else name,
-            "n": rag.get("n", bare.get("n")),
-            "keyword hit (bare)": cell("bare", "keyword_hit_rate", bare),
-            "keyword hit (RAG)": cell("rag", "keyword_hit_rate", rag),
-            "gain": _with_ci(gain, ci.get("gain", {}).get("keyword_hit_rate"), signed=True),
-            "keyword hit, dumps not credited (RAG)": cell("rag", "strict_keyword_hit_rate", rag),
-            "passage dumps (RAG)": cell("rag", "passage_dump", rag),
-            "all keywords (bare)": cell("bare", "all_keywords_hit", bare),
-            "all keywords (RAG)": cell("rag", "all_keywords_hit", rag),
-            "abstained (bare)": cell("bare", "abstention", bare),
-            "abstained (RAG)": cell("rag", "abstention", rag),
-            "hit@1": cell("rag", "hit_at_1", rag),
-            "hit@3": cell("rag", "hit_at_3", rag),
-            "hit@5": cell("rag", "hit_at_5", rag),
-            "MRR": cell("rag", "mrr", rag),
-        })
+        row = {"category": f"**{name}**" if name == OVERALL else name,
+               "n": by_mode.get("rag", {}).get("n", by_mode.get("bare", {}).get("n"))}
+        for metric in metrics:
+            m = M.get(metric)
+            for mode in m.report:
+                if mode == "gain":
+                    rag, bare = by_mode.get("rag", {}).get(metric), by_mode.get("bare", {}).get(metric)
+                    value = None if rag is None or bare is None else rag - bare
+                else:
+                    value = by_mode.get(mode, {}).get(metric)
+                column = f"{m.label} ({_MODE_NAMES[mode]})" if mode_in_header else m.label
+                row[column] = _with_ci(value, ci.get(mode, {}).get(metric), signed=mode == "gain")
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
-_METRIC_NAMES = {"keyword_hit_rate": "keyword hit rate", "passed": "pass rate", "abstention": "abstention",
-                 "strict_keyword_hit_rate": "keyword hit, dumps not credited", "passage_dump": "passage dumps",
-                 "hit_at_1": "hit@1", "hit_at_3": "hit@3", "hit_at_5": "hit@5", "mrr": "MRR",
-                 "all_keywords_hit": "all keywords"}
+def summary_table(summary: dict) -> pd.DataFrame:
+    """The answers' scores, bare and RAG (what ``python -m jobs.eval`` prints): keyword hit and its gain, the
+    keyword hit not crediting passage dumps, dumps, all keywords, abstention."""
+    return scores_table(summary, ANSWER_METRICS)
+
+
+def retrieval_table(summary: dict) -> pd.DataFrame:
+    """Retrieval's scores (RAG answers only): file-level hit@k and MRR against the expected sources."""
+    return scores_table(summary, RETRIEVAL_METRICS, mode_in_header=False)
 
 
 def changes_table(changes: list[dict] | list[stats.Change], *, then: str = "then", now: str = "now") -> pd.DataFrame:
@@ -111,25 +128,96 @@ def changes_table(changes: list[dict] | list[stats.Change], *, then: str = "then
     for c in changes:
         c = c if isinstance(c, dict) else c.as_dict()
         ci = "–" if c["low"] is None else f"{c['low']:+.2f}…{c['high']:+.2f}"
-        rows.append({"category": c["group"], "mode": c["mode"], "metric": _METRIC_NAMES.get(c["metric"], c["metric"]),
+        rows.append({"category": c["group"], "mode": c["mode"], "metric": M.label(c["metric"]),
                      "n": c["n"], then: f"{c['then']:.2f}", now: f"{c['now']:.2f}", "change": f"{c['delta']:+.2f}",
                      "95% CI": ci, "p": f"{c['p']:.3g}", "test": c["test"],
                      "": "**significant**" if c["significant"] else "within noise"})
     return pd.DataFrame(rows)
 
 
+def _detectable(n: int) -> str:
+    """What a set of ``n`` scored questions can detect, as one sentence."""
+    detectable = stats.smallest_detectable(n)
+    return (f"On these {n} questions a pass rate must move by at least {detectable:.2f} "
+            f"({stats.min_same_way()} questions the same way, none back) to be significant."
+            if detectable else f"{n} questions are too few for any difference to be significant (a paired test "
+            f"needs at least {stats.min_same_way()} questions moving the same way, none back).")
+
+
+def testable_categories(summary: dict) -> tuple[list[str], dict[str, int]]:
+    """(categories with enough questions for a paired test to reach significance, {the others: their size})."""
+    enough, too_few = [], {}
+    for cat, by_mode in sorted(summary.get("by_category", {}).items()):
+        n = int(by_mode.get("rag", by_mode.get("bare", {})).get("n") or 0)
+        if n >= stats.min_same_way():
+            enough.append(cat)
+        else:
+            too_few[cat] = n
+    return enough, too_few
+
+
 def rag_vs_bare_section(summary: dict, n: int) -> list[str]:
+    """The paired tests of RAG against bare: overall, and for each category with enough questions to test."""
     changes = summary.get("rag_vs_bare") or []
     if not changes:
         return []
-    table = changes_table(changes, then="bare", now="RAG").drop(columns="mode")
-    detectable = stats.smallest_detectable(n)
-    floor = (f"On these {n} questions a pass rate must move by at least {detectable:.2f} "
-             f"({stats.min_same_way()} questions the same way, none back) to be significant."
-             if detectable else f"{n} questions are too few for any difference to be significant.")
-    return ["### Is RAG better than bare? (paired, same questions)", "", _table(table), "",
-            "Intervals: 95% paired bootstrap over questions. Tests: exact McNemar on pass/fail, Wilcoxon "
-            f"signed-rank on per-question rates; significant = p < {stats.ALPHA}. " + floor, ""]
+    enough, too_few = testable_categories(summary)
+    shown = [c for c in changes if c["group"] == OVERALL or c["group"] in enough]
+    shown.sort(key=lambda c: c["group"] != OVERALL)  # overall first (stable: metrics in table order)
+    table = changes_table(shown, then="bare", now="RAG").drop(columns="mode")
+    lines = ["### Is RAG better than bare? (paired, same questions)", "", _table(table), ""]
+    if too_few:
+        lines += [f"Not tested per category, fewer than {stats.min_same_way()} questions each (no difference "
+                  "could be significant): " + ", ".join(f"{escape_cell(c)} ({k})" for c, k in too_few.items())
+                  + ".", ""]
+    return lines + ["Intervals: 95% paired bootstrap over questions. Tests: exact McNemar on pass/fail, Wilcoxon "
+                    f"signed-rank on per-question rates; significant = p < {stats.ALPHA}. " + _detectable(n), ""]
+
+
+def _change_line(change: dict | None, what: str) -> str:
+    """``keyword hit 0.21 → 0.48: +0.27 (95% CI +0.10…+0.44, p = 0.031), **significant**``."""
+    if change is None:
+        return f"{what}: not measured"
+    ci = "" if change["low"] is None else f"95% CI {change['low']:+.2f}…{change['high']:+.2f}, "
+    verdict = "**significant**" if change["significant"] else "within noise"
+    return (f"{what} {change['then']:.2f} → {change['now']:.2f}: **{change['delta']:+.2f}** "
+            f"({ci}p = {change['p']:.2g}), {verdict}")
+
+
+def _ids(flips: pd.DataFrame, most: int = 15) -> str:
+    if not len(flips):
+        return "none"
+    names = [f"{escape_cell(r['id'])} ({_MODE_NAMES.get(r['mode'], escape_cell(r['mode']))})"
+             for _, r in flips.iterrows()]
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def verdict_section(summary: dict, df: pd.DataFrame, comparison: Comparison | None) -> list[str]:
+    """The report's first screen: is RAG better than bare, did anything regress since the last run, which
+    stage to fix first, which questions moved, and what this question set can detect at all."""
+    overall = {c["metric"]: c for c in summary.get("rag_vs_bare") or []
+               if c["group"] == OVERALL and c["mode"] == "gain"}
+    lines = ["## Verdict", "",
+             f"- **RAG against bare:** {_change_line(overall.get('keyword_hit_rate'), M.label('keyword_hit_rate'))}"
+             f"; {_change_line(overall.get('passed'), M.label('passed'))}."]
+    if comparison is None:
+        lines.append("- **Since the last run:** no earlier finished run over these questions.")
+    else:
+        regression, verdict = comparison.regression(floor=False)  # what the set can detect: its own line
+        differ = [d.split(":", 1)[0] for d in comparison.differences]
+        lines.append(f"- **Since the last run** ({escape_cell(comparison.baseline)}): "
+                     + (f"**{verdict}**." if regression else f"{verdict}.")
+                     + (f" Settings that differ: {escape_cell(', '.join(differ))}." if differ else
+                        " Same profile, models, corpus and prompts."))
+    if "stage" in df and df["stage"].notna().any():
+        first = attribution.fix_first(attribution.stage_counts(df))
+        lines.append(f"- **Fix first:** {first.removeprefix('Fix first: ')}" if first.startswith("Fix first: ")
+                     else f"- **Failure stages:** {first}")
+    if comparison is not None:
+        lines.append(f"- **Regressed** (passed then, fail now): {_ids(comparison.regressions)}. "
+                     f"**Fixed:** {_ids(comparison.fixed)}.")
+    lines.append(f"- **What this set can detect:** {_detectable(len(stats.per_question(df, 'rag', 'passed')))}")
+    return lines + [""]
 
 
 def stages_section(df: pd.DataFrame) -> list[str]:
@@ -325,28 +413,34 @@ def failed_banner(summary: dict, header: dict, df: pd.DataFrame) -> list[str]:
 
 def render(run_info: dict, header: dict, summary: dict, df: pd.DataFrame, comparison: Comparison | None = None,
            figures: dict[str, str] | None = None) -> str:
+    """The report, answers first: the failed-run banner (if any) and the verdict fill the first screen; then
+    the score tables, why answers failed, passage dumps, what changed since the last run, latency, stale
+    sources and every question; the run's settings last."""
     n_questions = int(df["id"].nunique()) if not df.empty else 0
     n_fail = sum(1 for _, r in df[df["mode"] == "rag"].iterrows() if _failed(r))
     since = comparison_section(comparison) if comparison else ["## Since the last run", "",
                                                                "No earlier finished run over these questions.", ""]
     plots = [f"![{title}]({name})" for title, name in (figures or {}).items()]
+    context = " · ".join(escape_cell(header[k]) for k in ("profile", "llm", "questions") if header.get(k))
     parts = [
         f"# RAG regression report · {run_info['run_id']}",
         "",
         *failed_banner(summary, header, df),
-        "How much retrieval improves the model's answers about the XTuner docs. Keyword hit = share of a "
-        "question's expected keywords found in the answer (NFKC, case-folded); negatives are scored on "
-        "abstention; retrieval hit@k/MRR are file-level against the expected sources. A passage dump is a RAG "
-        "answer that copies its prompt's numbered passages instead of answering.",
-        "",
-        "## Run",
-        _table(header_table(header)),
-        "",
+        *([context, ""] if context else []),
+        *verdict_section(summary, df, comparison),
         "## Summary: bare vs RAG",
-        _table(summary_table(summary)),
+        "",
+        _table(_intervals_whole(summary_table(summary))),
+        "",
+        "### Retrieval (RAG): file-level hit@k and MRR",
+        "",
+        _table(_intervals_whole(retrieval_table(summary))),
         "",
         "Each number: the mean over questions (95% bootstrap interval over questions, where a category has 2 or "
-        "more). Gain = RAG minus bare, paired.",
+        "more); gain = RAG minus bare, paired. Keyword hit = share of a question's expected keywords found in "
+        "the answer (NFKC, case-folded); negatives are scored on abstention; retrieval hit@k/MRR are file-level "
+        "against the expected sources. A passage dump is a RAG answer that copies its prompt's numbered "
+        "passages instead of answering.",
         "",
         *plots[:1],
         "",
@@ -362,6 +456,9 @@ def render(run_info: dict, header: dict, summary: dict, df: pd.DataFrame, compar
         *stale_sources_section(df),
         f"## Questions ({n_fail} of {n_questions} fail with RAG; failures first)",
         _table(questions_table(df)),
+        "",
+        "## Run",
+        _table(header_table(header)),
         "",
     ]
     return "\n".join(parts)
@@ -386,26 +483,24 @@ def write_summary(run: RunDir, header: dict, summary: dict) -> None:
 
 
 def rereport(run_path: Path, baseline: str | None = None) -> Path:
-    """Rebuild a finished run's report from its own results.jsonl (and its baseline's): new statistics,
-    failure stages and docs-change sections apply to old runs too. Answers are not touched."""
+    """Rebuild a finished run's outputs from its own answers (results.jsonl) and its baseline's, through the same
+    stages as a night (jobs.eval.finish.finish_run): the answers are scored again, with the abstain phrases of the
+    run's run.json, so scoring fixes, new statistics, failure stages and docs-change sections apply to old runs
+    too. Results, report, history row and summary.json are rewritten; latest.md only if it points to this run.
+    The answers are not touched, nor how the night went (a failed night stays failed)."""
     from jobs.common.errors import JobError
-    from jobs.eval.scoring.summary import summarise_run
+    from jobs.eval.finish import finish_run, latest_is
+    from jobs.eval.scoring.score import abstain_phrases
 
     run = RunDir(run_path)
     if not (run.path / SUMMARY).is_file():
         raise JobError(f"{run.path}: not a finished run (no {SUMMARY})")
-    header = json.loads((run.path / SUMMARY).read_text(encoding="utf-8"))["run"]
-    df = copying.annotate(attribution.annotate(pd.read_json(run.path / "results.jsonl", lines=True, dtype=False)))
-    summary = summarise_run(df)
-    base = find_baseline(run.path.parent, run, baseline)
-    comparison = compare(header, df, run, base) if base else None
-    history = load_history(run.path.parent)
-    if history.empty:
-        history = pd.DataFrame({"run": [run.run_id]})
     previous = json.loads((run.path / SUMMARY).read_text(encoding="utf-8"))
-    summary["outcome"] = run_outcome(previous)  # how the night went is not a score: it is kept
-    write_report(run, header, df, summary, comparison, history)
-    write_summary(run, header, summary)
+    answers = run.results()
+    finish_run(run, previous["run"], answers, abstain_phrases=abstain_phrases(run.info()),
+               outcome=run_outcome(previous),  # how the night went is not a score: it is kept
+               baseline=baseline, latest=latest_is(run.path.parent, run),
+               again=f"run `python -m jobs.eval.report {run.path}` again")
     return run.path / "report.md"
 
 
@@ -418,8 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = build_parser()
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     print(f"report: {rereport(args.run, args.baseline)}")
     return 0
 

@@ -14,6 +14,8 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pandas as pd
+
 from jobs.common.errors import JobError
 from jobs.common.files import atomic_write
 
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 PROGRESS = "progress.jsonl"
 RUN_INFO = "run.json"
 SUMMARY = "summary.json"
+RESULTS = "results.jsonl"
 
 
 class RunDir:
@@ -122,6 +125,12 @@ class RunDir:
 
     def finished(self) -> bool:
         return (self.path / SUMMARY).is_file()
+
+    def results(self) -> pd.DataFrame:
+        """A finished run's answers with what it scored them, one row per question and mode (results.jsonl), read
+        the way a run builds its own table from its records: numbers exactly as written."""
+        lines = (self.path / RESULTS).read_text(encoding="utf-8").splitlines()
+        return pd.DataFrame([json.loads(line) for line in lines if line.strip()])
 
 
 def _not_a_record(raw: bytes) -> str:

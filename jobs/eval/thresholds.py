@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 
 from jobs.common.errors import JobError
 from jobs.common.questions import NEGATIVE, QuestionSet
-from jobs.eval.scoring.summary import LOWER_BETTER, METRICS, metric
+from jobs.eval.scoring import metrics as M
+from jobs.eval.scoring.summary import METRICS, metric
 
 if TYPE_CHECKING:
     from jobs.eval.history import Comparison
@@ -32,8 +33,10 @@ if TYPE_CHECKING:
 
 MODES = ("bare", "rag", "gain")
 CHANGE_FORMS = ("change.", "rawchange.")
-RETRIEVAL_METRICS = ("hit_at_1", "hit_at_3", "hit_at_5", "mrr", "retrieve_s")
-KEYWORD_METRICS = ("keyword_hit_rate", "strict_keyword_hit_rate", "all_keywords_hit")
+# From the metric table (jobs.eval.scoring.metrics): thresholds on RAG answers only, and those that need
+# expected keywords in the question set.
+RETRIEVAL_METRICS = M.names(rag_only=True, fail_under=True)
+KEYWORD_METRICS = M.names(needs=M.KEYWORDS)
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,9 @@ class Threshold:
         if not math.isfinite(minimum):
             raise JobError(f"--fail-under {text!r}: the threshold must be a finite number, got {value.strip()!r}")
         mode, name = parts
-        if name in LOWER_BETTER:
+        if not M.get(name).fail_under:
+            if M.get(name).higher_is_better:
+                raise JobError(f"--fail-under {text!r}: {name} cannot be a threshold")
             raise JobError(f"--fail-under {text!r}: {name} is better when lower, so a minimum cannot guard it; "
                            f"bound the keyword hit that does not credit copied passages instead: "
                            f"{form}{mode}.strict_keyword_hit_rate=...")
@@ -83,12 +88,12 @@ class Threshold:
     def unavailable(self, questions: QuestionSet) -> str | None:
         """Why this question set cannot produce the metric, or None."""
         _, name = self.mode_metric
-        qs = questions.questions
-        if name == "abstention" and not any(q.category == NEGATIVE for q in qs):
-            return f"abstention is measured on negative questions, and {questions.path.name} has none"
-        if name in RETRIEVAL_METRICS[:-1] and not any(q.expected_sources for q in qs):
+        qs, needs = questions.questions, M.get(name).needs
+        if needs == M.NEGATIVES and not any(q.category == NEGATIVE for q in qs):
+            return f"{name} is measured on negative questions, and {questions.path.name} has none"
+        if needs == M.SOURCES and not any(q.expected_sources for q in qs):
             return f"{name} needs expected_sources, and no question in {questions.path.name} has any"
-        if name in KEYWORD_METRICS and not any(q.expected_keywords for q in qs):
+        if needs == M.KEYWORDS and not any(q.expected_keywords for q in qs):
             return f"{name} needs expected_keywords, and no question in {questions.path.name} has any"
         return None
 

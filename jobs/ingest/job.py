@@ -348,7 +348,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.break_lease:
         print(stores.break_lease(profile, force=args.force), flush=True)
         return 0
-    embedder = None
     if not args.check_only:
         summary = ingest(profile, args.source)
         print(summary.line(), flush=True)
@@ -358,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         from jobs.retrieval.check import run_check
 
-        for line in run_check(profile, Path(args.check), embedder):
+        for line in run_check(profile, Path(args.check)):
             print(line, flush=True)
     return 0
 

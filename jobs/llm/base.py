@@ -25,6 +25,7 @@ class Completion:
     seconds: float
     error: str = ""  # set when no answer could be produced: recorded and shown, never cached
     timings: dict | None = None  # what a server reports of its own prefill and decode (llama.cpp), if anything
+    cached: bool = False  # read back from the generation cache (jobs.llm.cache.CachedChatModel), not generated now
 
 
 OnResult = Callable[[int, Completion], None]
@@ -83,3 +84,35 @@ class ChatModel(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class WrappedChatModel:
+    """A ChatModel around another that changes only what ``generate`` does (caching, cleaning the text): the
+    rest is the wrapped model's. Subclasses override ``generate``."""
+
+    def __init__(self, llm: ChatModel) -> None:
+        self.llm = llm
+
+    @property
+    def name(self) -> str:
+        return self.llm.name
+
+    def render(self, user: str) -> str:
+        return self.llm.render(user)
+
+    def generate(self, prompts: list[str], on_result: OnResult | None = None, *,
+                 presence_penalty: float = 0.0) -> list[Completion]:
+        return self.llm.generate(prompts, on_result, presence_penalty=presence_penalty)
+
+    def fingerprint(self) -> dict:
+        return self.llm.fingerprint()
+
+    def identity(self) -> dict[str, str | int | float | bool]:
+        return self.llm.identity()
+
+    @property
+    def questions_per_step(self) -> int:
+        return self.llm.questions_per_step
+
+    def close(self) -> None:
+        self.llm.close()

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from jobs.common.files import atomic_write
+from jobs.llm.base import ChatModel, Completion, OnResult, WrappedChatModel
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class GenerationCache:
         path = self._path(key)
         try:
             value = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no entry (or no cache folder at all): nothing to reject
             return None
         except (OSError, ValueError) as exc:
             return self._reject(path, f"unreadable ({type(exc).__name__})")
@@ -123,3 +124,63 @@ class GenerationCache:
             self.writable = False  # said once; the run goes on without caching
             log.warning("cannot write the generation cache in %s (%s): answers are kept in the run but not "
                         "cached from now on", self.root, exc.strerror or exc)
+
+
+class CachedChatModel(WrappedChatModel):
+    """Any ChatModel, answering from a GenerationCache where it can: the one caching routine of the job's answers
+    and of its query rewrites.
+
+    An entry is keyed by the wrapped model's fingerprint, the caller's ``key`` (what else shapes the text: the
+    prompt template's version) and the presence penalty when one is set (entries cached without one stay
+    valid), with the full prompt. ``generate`` reports each completion as soon as it is ready, ``cached`` saying
+    where it came from: sound entries first (``GenerationCache.get`` checks each), then the wrapped model's
+    answers to the rest, each reported before it is cached (the answer belongs to the run first; a cache
+    folder that cannot be written costs only the caching). Failed completions are reported, never cached."""
+
+    def __init__(self, llm: ChatModel, cache: GenerationCache, key: dict | None = None) -> None:
+        super().__init__(llm)
+        self.cache = cache
+        self.key_parts = dict(key or {})
+
+    def fingerprint(self) -> dict:
+        return {**self.llm.fingerprint(), **self.key_parts}
+
+    def entry_key(self, prompt: str, presence_penalty: float = 0.0) -> str:
+        fingerprint = self.fingerprint()
+        if presence_penalty:  # keyed only when set: what was cached without it stays valid
+            fingerprint["presence_penalty"] = presence_penalty
+        return self.cache.key(fingerprint, prompt)
+
+    def generate(self, prompts: list[str], on_result: OnResult | None = None, *,
+                 presence_penalty: float = 0.0) -> list[Completion]:
+        out: list[Completion | None] = [None] * len(prompts)
+
+        def done(i: int, completion: Completion) -> None:
+            out[i] = completion
+            if on_result is not None:
+                on_result(i, completion)
+
+        keys = [self.entry_key(p, presence_penalty) for p in prompts]
+        missing = []
+        for i, (key, prompt) in enumerate(zip(keys, prompts)):
+            found = self.cache.get(key, prompt)
+            if found is None:
+                missing.append(i)
+            else:
+                done(i, Completion(text=found["text"], prompt=prompt, prompt_tokens=found["prompt_tokens"],
+                                   answer_tokens=found["answer_tokens"], seconds=found["seconds"], cached=True))
+
+        def generated(k: int, completion: Completion) -> None:
+            i = missing[k]
+            done(i, completion)  # the run's first; the cache only saves a later run the time
+            if not completion.error:
+                self.cache.put(keys[i], prompts[i], text=completion.text, prompt_tokens=completion.prompt_tokens,
+                               answer_tokens=completion.answer_tokens, seconds=completion.seconds)
+
+        if missing:
+            returned = self.llm.generate([prompts[i] for i in missing], on_result=generated,
+                                         presence_penalty=presence_penalty)
+            for k, completion in enumerate(returned or []):  # a backend that returned some without reporting them
+                if out[missing[k]] is None and completion is not None:
+                    generated(k, completion)
+        return out  # type: ignore[return-value]

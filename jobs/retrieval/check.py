@@ -24,7 +24,7 @@ def retrieval_scores(profile: Profile, questions_csv: Path, embedder: Embedder |
     qs = [q for q in load_questions(questions_csv).questions if q.expected_sources]
     if not qs:
         raise JobError(f"{questions_csv}: no question has expected_sources: nothing to check")
-    embedder = embedder or load_embedder(profile)
+    embedder = load_embedder(profile)
     per_question = []
     if rewriter is not None:
         rewriter.prepare([q.question for q in qs])
@@ -41,10 +41,10 @@ def retrieval_scores(profile: Profile, questions_csv: Path, embedder: Embedder |
     return means, len(qs)
 
 
-def run_check(profile: Profile, questions_csv: Path, embedder: Embedder | None = None) -> list[str]:
+def run_check(profile: Profile, questions_csv: Path) -> list[str]:
     """One line per retrieval mode, the profile's own marked, so the comparison is one command away; with the
     profile's query rewriting, each mode once without and once with it."""
-    embedder = embedder or load_embedder(profile)
+    embedder = load_embedder(profile)
     rewriter = load_rewriter(profile)
     lines = []
     for mode in RETRIEVAL_MODES:

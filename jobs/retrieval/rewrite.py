@@ -7,8 +7,8 @@ batches and cached like answers (keyed by the model's fingerprint and the full p
 each question once; every RAG answer records the rewrite it was retrieved with.
 
 Qwen2.5-Coder-0.5B often answers a Chinese question instead of translating it. Those rewrites are kept: like
-HyDE's hypothetical answers they carry the English docs' words, and dropping them cost the hard development set
-MRR 0.77 -> 0.73.
+HyDE's hypothetical answers they carry the English docs' words, and dropping them lost retrieval on the hard
+development set (decision D19 in docs/decisions.md).
 
 A model must be able to translate: Qwen2.5-Coder-0.5B (offline-zh) can, SmolLM2-135M (offline) cannot (it
 answers in English whatever it is asked), so only profiles with a capable model turn it on.
@@ -16,13 +16,15 @@ answers in English whatever it is asked), so only profiles with a capable model 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Sequence
 
 from jobs.common.config import Profile
-from jobs.llm import ChatModel
-from jobs.llm.cache import GenerationCache
+from jobs.llm import ChatModel, Completion, OnResult
+from jobs.llm.base import WrappedChatModel
+from jobs.llm.cache import CachedChatModel, GenerationCache
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +49,29 @@ def clean(text: str) -> str:
     return line.strip().strip("\"'“”「」")
 
 
+class _Cleaned(WrappedChatModel):
+    """The chat model's translations as the rewriter keeps (and caches) them: ``clean``ed. Failed ones as they are."""
+
+    def generate(self, prompts: list[str], on_result: OnResult | None = None, *,
+                 presence_penalty: float = 0.0) -> list[Completion]:
+        log.info("translating %d question(s) with %s", len(prompts), self.name)
+
+        def cleaned(completion: Completion) -> Completion:
+            return completion if completion.error else dataclasses.replace(completion, text=clean(completion.text))
+
+        report = None if on_result is None else (lambda i, completion: on_result(i, cleaned(completion)))
+        return [cleaned(c) for c in self.llm.generate(prompts, report, presence_penalty=presence_penalty)]
+
+
 class QueryRewriter:
-    """Translations of questions by a chat model, generated in batches and cached."""
+    """Translations of questions by a chat model, generated in batches and cached (``CachedChatModel``, as the
+    answers are: ``cache.enabled=False``, i.e. ``--no-cache``, translates every question again)."""
 
     def __init__(self, llm: ChatModel, cache: GenerationCache, into: str = "any") -> None:
         self.llm = llm
         self.cache = cache
+        # Keyed by the model's fingerprint and the template's version, with the full prompt.
+        self.model = CachedChatModel(_Cleaned(llm), cache, {"rewrite_version": REWRITE_VERSION})
         self.into = into  # "any", or the one language questions are translated into
         self._done: dict[str, str] = {}
         self.seconds: dict[str, float] = {}  # generation time per question (amortised within a batch)
@@ -67,35 +86,24 @@ class QueryRewriter:
     def _prompt(self, question: str) -> str:
         return self.llm.render(TEMPLATES[language_of(question)].format(question=question))
 
-    def _key(self, prompt: str) -> str:
-        return self.cache.key({**self.llm.fingerprint(), "rewrite_version": REWRITE_VERSION}, prompt)
-
     def prepare(self, questions: Sequence[str]) -> None:
-        """Translate every question not known yet, missing ones in one batch."""
-        todo: dict[str, str] = {}
-        for q in dict.fromkeys(questions):
-            if q in self._done or not self.wanted(q):
-                continue
-            prompt = self._prompt(q)
-            found = self.cache.get(self._key(prompt), prompt)
-            if found is not None:
-                self._done[q] = found["text"]
-                self.seconds.setdefault(q, 0.0)
-            else:
-                todo[q] = prompt
-        if not todo:
-            return
-        log.info("translating %d question(s) with %s", len(todo), self.llm.name)
-        for q, completion in zip(todo, self.llm.generate(list(todo.values()))):
+        """Translate every question not known yet: from the cache, the missing ones in one batch."""
+        todo = [q for q in dict.fromkeys(questions) if q not in self._done and self.wanted(q)]
+
+        def done(k: int, completion: Completion) -> None:
+            q = todo[k]
             if completion.error:
                 log.warning("no translation for %r: %s", q[:60], completion.error)
                 self._done[q] = ""
-                continue
-            text = clean(completion.text)
-            self._done[q] = text
-            self.seconds[q] = completion.seconds
-            self.cache.put(self._key(todo[q]), todo[q], text=text, seconds=completion.seconds,
-                           prompt_tokens=completion.prompt_tokens, answer_tokens=completion.answer_tokens)
+                return
+            self._done[q] = completion.text
+            if completion.cached:
+                self.seconds.setdefault(q, 0.0)
+            else:
+                self.seconds[q] = completion.seconds
+
+        if todo:
+            self.model.generate([self._prompt(q) for q in todo], done)
 
     def translation(self, question: str) -> str:
         """The question in the other docs language ("" when none is wanted, or the model gave nothing usable)."""
@@ -106,12 +114,15 @@ class QueryRewriter:
         return "" if text.casefold() == question.casefold() else text
 
 
-def load_rewriter(profile: Profile, llm: ChatModel | None = None) -> QueryRewriter | None:
-    """The profile's rewriter (loading its chat model unless given), or None when it rewrites nothing."""
+def load_rewriter(profile: Profile, llm: ChatModel | None = None,
+                  cache: GenerationCache | None = None) -> QueryRewriter | None:
+    """The profile's rewriter (loading its chat model unless given; the profile's generation cache unless given),
+    or None when it rewrites nothing."""
     if profile.retrieval.rewrite == "none":
         return None
     if llm is None:
         from jobs.llm import load_llm
 
         llm = load_llm(profile)
-    return QueryRewriter(llm, GenerationCache(profile.paths.cache / "generations"), profile.retrieval.rewrite_into)
+    return QueryRewriter(llm, cache if cache is not None else GenerationCache(profile.paths.cache / "generations"),
+                         profile.retrieval.rewrite_into)

@@ -13,8 +13,8 @@ from jobs.common.errors import JobError
 BUILD_PREFIX = "build."
 LEXICAL = "lexical"  # the BM25 index's folder (inside a generation, or in the local cache)
 # The vector index. Chroma's defaults (ef 100/100, multithreaded inserts) build a different HNSW graph
-# each time, and two builds of the same corpus disagreed on 2 of 69 questions' top-20; at a docs-sized
-# store, search this wide is exact up to ties and costs milliseconds, so a rebuild cannot move a nightly score.
+# each time, so two builds of one corpus can retrieve differently; at a docs-sized store, search this wide is
+# exact up to ties and costs milliseconds, so a rebuild cannot move a nightly score (decision D06).
 HNSW = {"space": "cosine", "ef_construction": 200, "ef_search": 500}
 INDEX_SPEC = "hnsw " + " ".join(f"{k}={v}" for k, v in HNSW.items())
 # Settings whose change makes every stored vector, chunk boundary or the index wrong: a full rebuild.

@@ -8,9 +8,6 @@ Layout for a store path ``stores/xtuner`` (a folder: it may be created by hand o
     stores/xtuner/gens/<gen>/MANIFEST.json   sha256 of every file of the generation, written last
     stores/xtuner/ingest.lock     flock held by the one ingest that may write
 
-Stores written before this layout (``stores/xtuner`` a symlink into ``stores/.xtuner.gens/``) are still
-read and updated in place.
-
 A published generation is never written again. Chroma writes to its sqlite file whenever a client
 merely opens it, so nobody opens a published generation: an ingest applies its changes to a private
 copy and publishes that copy with one ``rename`` of a symlink; a reader (eval, check) verifies and opens
@@ -70,8 +67,6 @@ class Layout:
 
 def layout(store: Path) -> Layout:
     """Where a store keeps its parts. An empty folder is adopted; a folder of other files is refused."""
-    if store.is_symlink():  # the layout of stores written before the store became a folder
-        return Layout(store, store, store.parent / f".{store.name}.gens", store.parent / f".{store.name}.lock")
     if store.exists() and not store.is_dir():
         raise JobError(f"store {store} is a file, not a store folder: pick another --store")
     if store.is_dir():
@@ -87,10 +82,6 @@ def layout(store: Path) -> Layout:
 
 def gens_dir(store: Path) -> Path:
     return layout(store).gens
-
-
-def lock_path(store: Path) -> Path:
-    return layout(store).lock
 
 
 def live_generation(store: Path) -> Path | None:

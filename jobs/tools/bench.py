@@ -15,6 +15,7 @@ import platform
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,11 +24,11 @@ import pandas as pd
 import torch
 
 from jobs.common import log as joblog
-from jobs.common.config import RETRIEVAL_MODES, ROOT, load_profile, overrides_from_cli
-from jobs.common.embedding import load_embedder
+from jobs.common.config import RETRIEVAL_MODES, ROOT, Profile, load_profile, overrides_from_cli
+from jobs.common.embedding import Embedder, load_embedder
 from jobs.common.files import atomic_write
 from jobs.common.questions import load_questions
-from jobs.ingest.job import ingest
+from jobs.ingest.job import IngestSummary, ingest
 from jobs.ingest.source import load_manifest, select_files
 from jobs.retrieval.check import retrieval_scores
 from jobs.retrieval.fusion import file_ranking
@@ -323,21 +324,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = build_parser()
-    args = p.parse_args(argv)
-    batch_sizes = _sizes(p, args.batch_sizes)  # before the long runs: a typo fails now, not in ten minutes
-    concurrencies = _sizes(p, args.concurrency, minimum=1, flag="--concurrency")
-    scales = _sizes(p, args.bm25_scales, minimum=1, flag="--bm25-scales")
-    joblog.setup(args.verbose)
-    base = load_profile(args.profile, overrides_from_cli(args.set, {
-        "embedder.device": ("--device", args.device), "llm.device": ("--device", args.device)}))
-    served_profile = None
-    if concurrencies and not args.skip_eval:
-        from jobs.tools import serve
+@dataclass
+class Measured:
+    """What one benchmark run measured, for ``render``."""
 
-        served_profile = load_profile(args.served_profile)
-        serve.command(served_profile)  # the server binary and the GGUF are there: fail now, not in 20 minutes
+    stamp: str
+    profile: Profile
+    embedder: Embedder
+    corpus: Path
+    files: list[str]
+    rows: list[tuple[str, float, int, str]]  # ingest runs: (name, seconds, chunks embedded, detail)
+    full: IngestSummary
+    same: IngestSummary
+    ours: dict[str, dict[str, float]]  # retrieval scores per mode
+    n: int  # questions with expected sources
+    tokenize_s: float
+    half: dict | None  # the bf16 embedder
+    seed: dict
+    equal: dict
+    gen: dict | None  # in-process generation
+    served: list[dict] | None
+    served_profile: Profile | None
+    server: dict | None  # the Chroma server store
+
+
+def measure(base: Profile, args: argparse.Namespace, served_profile: Profile | None, batch_sizes: list[int],
+            concurrencies: list[int], scales: list[int]) -> Measured:
+    """Every measurement, each against its baseline in the same run, on a private copy of the corpus."""
     questions = args.questions or base.eval.questions
     corpus = args.corpus_dir.resolve()
     work = Path(tempfile.mkdtemp(prefix="rag-bench-"))
@@ -404,10 +417,20 @@ def main(argv: list[str] | None = None) -> int:
                      f"truncated; ours is {equal['seconds'] / full.seconds:.2f}x as fast"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return Measured(stamp=datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"), profile=profile, embedder=embedder,
+                    corpus=corpus, files=files, rows=rows, full=full, same=same, ours=ours, n=n,
+                    tokenize_s=tokenize_s, half=half, seed=seed, equal=equal, gen=gen, served=served,
+                    served_profile=served_profile, server=server)
 
+
+
+def render(m: Measured, max_new_tokens: int) -> str:
+    """The benchmark's markdown: ratios against the baselines measured in the same run."""
+    profile, embedder, full, same, ours, half, seed, equal, gen = (m.profile, m.embedder, m.full, m.same, m.ours,
+                                                                   m.half, m.seed, m.equal, m.gen)
     table = pd.DataFrame([
         {"run": name, "seconds": f"{sec:.1f}", "× full": f"{sec / full.seconds:.3f}", "embedded": emb, "detail": d}
-        for name, sec, emb, d in rows
+        for name, sec, emb, d in m.rows
     ])
     retrieval = pd.DataFrame([
         *({"pipeline": f"ours, {mode} ({profile.chunking.size}-token chunks, {full.chunks} chunks)", **_fmt(m)}
@@ -430,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         qps_seq = gen["questions"] / gen["sequential_s"]
         eval_lines = [
             f"## Eval generation ({gen['questions']} questions = {gen['prompts']} prompts, bare + RAG, greedy, "
-            f"{args.max_new_tokens} new tokens, {gen['device']})",
+            f"{max_new_tokens} new tokens, {gen['device']})",
             pd.DataFrame([
                 {"mode": "sequential (HuggingFaceLLM.complete, one prompt at a time)",
                  "seconds": f"{gen['sequential_s']:.1f}", "questions/s": f"{qps_seq:.3f}", "× sequential": "1.00",
@@ -454,15 +477,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{gen['retrieve_p50'] * 1000:.0f} ms, p95 {gen['retrieve_p95'] * 1000:.0f} ms (embed the question + "
             "Chroma top-k).",
             "",
-            *served_lines(gen, served or [], served_profile),
+            *served_lines(gen, m.served or [], m.served_profile),
         ]
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     text = "\n".join([
-        f"# Benchmark {stamp}",
+        f"# Benchmark {m.stamp}",
         "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}; "
-        f"profile {profile.name}; embedder {embedder.name} on {embedder.device}; corpus {corpus} ({len(files)} files).",
+        f"profile {profile.name}; embedder {embedder.name} on {embedder.device}; corpus {m.corpus} "
+        f"({len(m.files)} files).",
         "",
         "## Ingest",
         table.to_markdown(index=False, disable_numparse=True),
@@ -476,17 +499,38 @@ def main(argv: list[str] | None = None) -> int:
         f"fp32 matmul here: {rate / 1e9:.1f} GFLOP/s, so the bound is {bound:,.0f} tokens/s. Full ingest embedded "
         f"{full.embed_tokens:,} tokens in {full.embed_seconds:.1f} s = {achieved:,.0f} tokens/s, "
         f"{achieved / bound:.0%} of the bound. Tokenising every chunk again for the encoder takes "
-        f"{tokenize_s:.2f} s, {tokenize_s / max(full.embed_seconds, 1e-9):.1%} of the embedding time.",
+        f"{m.tokenize_s:.2f} s, {m.tokenize_s / max(full.embed_seconds, 1e-9):.1%} of the embedding time.",
         "",
         *eval_lines,
-        *server_lines(server),
-        f"## Retrieval (file-level, {n} questions with expected sources)",
+        *server_lines(m.server),
+        f"## Retrieval (file-level, {m.n} questions with expected sources)",
         retrieval.to_markdown(index=False, disable_numparse=True),
         "",
         f"ours ({profile.retrieval.mode}): {format_line(ours[profile.retrieval.mode])}; "
         f"seed way: {format_line(seed['retrieval'])}",
         "",
     ])
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    batch_sizes = _sizes(p, args.batch_sizes)  # before the long runs: a typo fails now, not in ten minutes
+    concurrencies = _sizes(p, args.concurrency, minimum=1, flag="--concurrency")
+    scales = _sizes(p, args.bm25_scales, minimum=1, flag="--bm25-scales")
+    joblog.setup(args.verbose)
+    base = load_profile(args.profile, overrides_from_cli(args.set, {
+        "embedder.device": ("--device", args.device), "llm.device": ("--device", args.device)}))
+    served_profile = None
+    if concurrencies and not args.skip_eval:
+        from jobs.tools import serve
+
+        served_profile = load_profile(args.served_profile)
+        serve.command(served_profile)  # the server binary and the GGUF are there: fail now, not in 20 minutes
+    measured = measure(base, args, served_profile, batch_sizes, concurrencies, scales)
+    text = render(measured, args.max_new_tokens)
+    stamp = measured.stamp
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out / f"bench-{stamp}.md", text)
     print(text)

@@ -185,8 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = build_parser()
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     joblog.setup()
     profile = load_profile(args.profile, overrides_from_cli(args.set, {"serve.parallel": ("--parallel",
                                                                                           args.parallel)}))

@@ -331,8 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = build_parser()
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     joblog.setup(args.verbose)
     profile = load_profile(args.profile, overrides_from_cli(args.set, {}))
     question_sets = [q.resolve() for q in (args.questions or DEV_SETS)]

@@ -4,7 +4,8 @@ The context reaches the model as numbered passages, ``[n] (path) text`` (jobs.ev
 small model sometimes answers by reproducing them: a passage marker followed by the passage's path, or
 by the context's text word for word, often until the token budget runs out. The keyword score credits
 such an answer for every keyword the copied passage happens to hold; three changes measured with
-offline-zh (prompt version 5, answering per part, a longer answer budget) "won" on keyword hit this way.
+offline-zh (prompt version 5, answering per part, a longer answer budget) "won" on keyword hit this way
+(decisions D18, D20, D21 in docs/decisions.md).
 
 So each RAG answer gets:
 

@@ -27,15 +27,17 @@ import pandas as pd
 from scipy import stats
 
 from jobs.common.questions import NEGATIVE
+from jobs.eval.scoring import metrics as M
 
 ALPHA = 0.05
 CONFIDENCE = 0.95
 RESAMPLES = 10_000
 SEED = 0
-# Metrics whose per-question value is 0 or 1; the others are rates in [0, 1].
-BINARY = ("passed", "all_keywords_hit", "abstention", "passage_dump", "hit_at_1", "hit_at_3", "hit_at_5")
-RATES = ("keyword_hit_rate", "strict_keyword_hit_rate", "mrr")
-RAG_ONLY = ("passage_dump", "hit_at_1", "hit_at_3", "hit_at_5", "mrr")
+# From the metric table (jobs.eval.scoring.metrics): metrics whose per-question value is 0 or 1 (exact
+# McNemar), rates in [0, 1] (Wilcoxon signed-rank, like seconds and tokens), and those of RAG answers only.
+BINARY = M.names(per_question=M.BINARY)
+RATES = M.names(per_question=M.RATE)
+RAG_ONLY = M.names(rag_only=True)
 
 
 def passed(row: pd.Series) -> bool:
@@ -183,8 +185,8 @@ def mode_values(df: pd.DataFrame, mode: str, metric: str) -> pd.Series:
     return rag - bare
 
 
-HEADLINE = ("keyword_hit_rate", "strict_keyword_hit_rate", "passage_dump", "all_keywords_hit", "passed", "abstention",
-            "hit_at_1", "hit_at_3", "hit_at_5", "mrr")
+# The metrics given an interval per category and mode.
+HEADLINE = M.names(headline=True)
 
 
 def intervals(df: pd.DataFrame) -> dict:
@@ -209,7 +211,7 @@ def rag_vs_bare(df: pd.DataFrame) -> list[Change]:
     """RAG against bare on the same questions, per category and overall."""
     changes = []
     for name, group in _groups(df):
-        for metric in ("keyword_hit_rate", "strict_keyword_hit_rate", "passed", "abstention"):
+        for metric in M.names(rag_vs_bare=True):
             rag, bare = gain_per_question(group, metric)
             change = compare(rag, bare, group=name, metric=metric, mode="gain")
             if change is not None:
@@ -218,9 +220,7 @@ def rag_vs_bare(df: pd.DataFrame) -> list[Change]:
 
 
 def between_runs(now: pd.DataFrame, then: pd.DataFrame,
-                 metrics: tuple[str, ...] = ("keyword_hit_rate", "strict_keyword_hit_rate", "passage_dump", "passed",
-                                             "abstention", "hit_at_5", "mrr")
-                 ) -> list[Change]:
+                 metrics: tuple[str, ...] = M.names(between_runs=True)) -> list[Change]:
     """Tonight against the baseline run, paired by question id, per mode (and gain), overall and per category."""
     changes = []
     for name, group in _groups(now):

@@ -6,11 +6,13 @@ import math
 
 import pandas as pd
 
-MODES = ("bare", "rag")
-METRICS = ("keyword_hit_rate", "strict_keyword_hit_rate", "passage_dump", "all_keywords_hit", "abstention",
-           "hit_at_1", "hit_at_3", "hit_at_5", "mrr", "generate_s", "retrieve_s", "answer_tokens")
+from jobs.eval.scoring import metrics as M
+
+MODES = M.BOTH
+# The metrics summarise() gives a mean of, per mode (jobs.eval.scoring.metrics: all but pass/fail).
+METRICS = M.names(summarised=True)
 # Better when lower: a threshold or a verdict reads these the other way round.
-LOWER_BETTER = ("passage_dump",)
+LOWER_BETTER = M.names(higher_is_better=False)
 OVERALL = "overall"
 
 
@@ -21,18 +23,15 @@ def _mean(series: pd.Series) -> float | None:
 
 def _aggregate(rows: pd.DataFrame) -> dict[str, float | int | None]:
     negatives = rows[rows["category"] == "negative"]
-    return {
-        "n": int(rows["id"].nunique()),
-        "keyword_hit_rate": _mean(rows["keyword_hit_rate"]),
-        # From jobs.eval.scoring.copying.annotate; absent from frames it did not annotate.
-        **{m: _mean(rows[m]) if m in rows else None for m in ("strict_keyword_hit_rate", "passage_dump")},
-        "all_keywords_hit": _mean(rows["all_keywords_hit"]),
-        "abstention": _mean(negatives["abstained"]) if len(negatives) else None,
-        **{m: _mean(rows[m]) for m in ("hit_at_1", "hit_at_3", "hit_at_5", "mrr")},
-        "generate_s": _mean(rows["generate_s"]),
-        "retrieve_s": _mean(rows["retrieve_s"]),
-        "answer_tokens": _mean(rows["answer_tokens"]),
-    }
+    out: dict[str, float | int | None] = {"n": int(rows["id"].nunique())}
+    for name in METRICS:
+        if name == "abstention":  # measured on negative questions only, from their abstained flag
+            out[name] = _mean(negatives["abstained"]) if len(negatives) else None
+        else:
+            # strict_keyword_hit_rate and passage_dump come from jobs.eval.scoring.copying.annotate: absent
+            # from frames it did not annotate.
+            out[name] = _mean(rows[name]) if name in rows else None
+    return out
 
 
 def summarise(df: pd.DataFrame) -> dict:

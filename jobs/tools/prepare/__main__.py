@@ -67,8 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = build_parser()
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     joblog.setup(args.verbose)
     profile = load_profile(args.profile)
     names = [m[len(PREPARED_SCHEME):] for m in (profile.embedder.model, profile.llm.model)
