@@ -20,6 +20,8 @@ from pathlib import Path
 from jobs.common.errors import JobError
 
 COLUMNS = ("id", "question", "language", "expected_keywords", "expected_sources", "category", "notes")
+# Optional columns: a reviewer's notes, and a short reference answer for answer judges.
+OPTIONAL = ("notes", "reference_answer")
 NEGATIVE, IDENTITY = "negative", "identity"
 LANGUAGES = ("zh", "en")
 _CATEGORY = re.compile(r"^[\w-]{1,40}$")
@@ -37,6 +39,7 @@ class Question:
     expected_sources: tuple[str, ...]
     category: str
     notes: str = ""
+    reference: str = ""  # a short correct answer (optional), for answer judges
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ def load_questions(path: Path, max_chars: int | None = None) -> QuestionSet:
         raise JobError(f"{path}: not UTF-8 (byte {exc.start}): save the CSV as UTF-8") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
     header = [h.strip() for h in (reader.fieldnames or [])]
-    missing = [c for c in COLUMNS if c not in header and c != "notes"]
+    missing = [c for c in COLUMNS if c not in header and c not in OPTIONAL]
     if missing:
         raise JobError(f"{path}: missing column(s) {', '.join(missing)} (header: {', '.join(header) or 'empty'})")
     reader.fieldnames = header
@@ -107,7 +110,7 @@ def load_questions(path: Path, max_chars: int | None = None) -> QuestionSet:
         questions.append(Question(
             id=qid, question=row["question"], language=row["language"], expected_keywords=keywords,
             expected_sources=_split(row["expected_sources"]), category=row["category"],
-            notes=row.get("notes", ""),
+            notes=row.get("notes", ""), reference=row.get("reference_answer", ""),
         ))
     if errors:
         raise JobError(f"{len(errors)} problem(s) in {path}:\n" + "\n".join(errors))
