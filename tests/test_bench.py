@@ -18,7 +18,7 @@ def test_bench_writes_every_table(tmp_path: Path, corpus_dir: Path, minilm_path:
     out = tmp_path / "bench"
     assert main(["--profile", str(profile), "--corpus-dir", str(corpus_dir), "--questions", str(MINI_QUESTIONS),
                  "--out", str(out), "--max-new-tokens", "6", "--batch-sizes", "2,4", "--concurrency", "1,2",
-                 "--bm25-scales", "1,3"]) == 0
+                 "--bm25-scales", "1,3", "--cost-questions", str(MINI_QUESTIONS)]) == 0
     (written,) = out.glob("bench-*.md")
     text = written.read_text(encoding="utf-8")
     assert text in capsys.readouterr().out
@@ -53,3 +53,13 @@ def test_bench_writes_every_table(tmp_path: Path, corpus_dir: Path, minilm_path:
         assert f"| {mode} " in server
     docs = [int(m.replace(",", "")) for m in re.findall(r"^\| [13]x\s+\| ([\d,]+)", server, re.M)]
     assert len(docs) == 2 and docs[1] == 3 * docs[0] > 0
+    # What a night costs: the first run generates every answer, an unchanged night none, a docs update (the
+    # most cited pages changed) re-embeds those pages and regenerates only some RAG answers.
+    cost = text.split("## What a night costs")[1].split("##")[0]
+    rows = [line for line in cost.splitlines() if line.startswith("| ") and "---" not in line]
+    nights = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in rows)}
+    first, same = nights["first run"], nights["unchanged night"]
+    update = next(v for k, v in nights.items() if k.startswith("docs update"))
+    assert int(first[4]) == n_prompts and int(first[5]) == 0
+    assert int(same[4]) == 0 and int(same[5]) == n_prompts and int(same[7]) == 0
+    assert 0 < int(update[7]) and int(update[4]) < n_prompts and int(update[4]) + int(update[5]) == n_prompts

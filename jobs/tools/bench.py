@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import platform
 import shutil
@@ -300,6 +301,68 @@ def served_speed(served_profile, users: list[str], max_new_tokens: int, concurre
     return out
 
 
+def nightly_cost(profile: Profile, embedder: Embedder, copy: Path, questions: Path, work: Path,
+                 limit: int | None, pages: int = 3) -> dict:
+    """What a night costs through the answer cache, on a private store, cache and reports folder: the first run of
+    a question set (every answer generated), an unchanged night (every answer from the cache), and a docs update
+    that changes ``pages`` of the pages the questions cite most (they are re-embedded; only the RAG answers whose
+    retrieved context changed are generated again)."""
+    from collections import Counter
+
+    from jobs.eval.job import evaluate
+
+    # Models resolved first: the private cache folder holds no prepared models.
+    resolved = dataclasses.replace(
+        profile, llm=dataclasses.replace(profile.llm, model=profile.resolve_model(profile.llm.model))
+        if profile.llm.backend == "hf" else profile.llm,
+        embedder=dataclasses.replace(profile.embedder, model=profile.resolve_model(profile.embedder.model)))
+    p = dataclasses.replace(resolved, store=dataclasses.replace(profile.store, path=work / "stores" / "cost"),
+                            paths=dataclasses.replace(profile.paths, cache=work / "cost-cache"),
+                            eval=dataclasses.replace(profile.eval, questions=questions,
+                                                     reports_dir=work / "cost-reports"))
+    qs = load_questions(questions, p.eval.max_question_chars).questions[:limit]
+    cited = Counter(src for q in qs for src in q.expected_sources)
+    changed = [src for src, _ in cited.most_common() if (copy / src).is_file()][:pages]
+    nights = []
+
+    def night(name: str, embedded: int) -> None:
+        run, df, _summary, _ = evaluate(p, limit=limit)
+        header = json.loads((run.path / "summary.json").read_text(encoding="utf-8"))["run"]
+        nights.append({"night": name, "questions": int(df["id"].nunique()), "wall_s": header["wall_s"],
+                       "generated": header["answers generated"], "cached": header["answers from cache"],
+                       "failed": header["answers failed"], "embedded": embedded})
+
+    first = ingest(p, source=str(copy), embedder=embedder)
+    night("first run", first.embedded)
+    night("unchanged night", ingest(p, source=str(copy), embedder=embedder).embedded)
+    for src in changed:
+        page = copy / src
+        page.write_text(page.read_text(encoding="utf-8") + "\n\n## 更新说明\n\n本节是基准测试模拟的文档更新："
+                        "新增了一段说明，介绍训练配置中的一个新选项及其默认值。\n", encoding="utf-8")
+    night(f"docs update ({len(changed)} pages changed)", ingest(p, source=str(copy), embedder=embedder).embedded)
+    return {"questions_file": questions.name, "nights": nights, "changed": changed}
+
+
+def cost_lines(cost: dict | None) -> list[str]:
+    if not cost:
+        return []
+    first = cost["nights"][0]
+    per_answer = first["wall_s"] / max(first["generated"], 1)
+    rows = [{"night": n["night"], "questions": n["questions"], "wall s": f"{n['wall_s']:.1f}",
+             "× first run": f"{n['wall_s'] / first['wall_s']:.3f}", "answers generated": n["generated"],
+             "from cache": n["cached"], "failed": n["failed"], "chunks embedded": n["embedded"]}
+            for n in cost["nights"]]
+    return [
+        f"## What a night costs ({cost['questions_file']}, through the answer cache)",
+        pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True),
+        "",
+        f"The first run generates every answer ({per_answer:.2f} s per answer here); an unchanged night answers "
+        "from the cache; a docs update re-embeds the changed pages and regenerates only the RAG answers whose "
+        f"retrieved context changed (pages changed: {', '.join(cost['changed'])}).",
+        "",
+    ]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.tools.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--profile", default="offline")
@@ -310,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", default="", metavar="N,N,...",
                    help="batched generation rows to measure (default: the profile's llm.batch_size)")
     p.add_argument("--skip-eval", action="store_true", help="ingest and retrieval only")
+    p.add_argument("--cost-questions", type=Path, default=ROOT / "eval/xtuner_nightly.csv",
+                   help="the question set whose nightly cost is measured: first run, unchanged night, docs update")
+    p.add_argument("--cost-limit", type=int, default=None, metavar="N",
+                   help="only the first N questions of --cost-questions (default: all)")
+    p.add_argument("--skip-cost", action="store_true", help="skip the nightly cost measurement")
     p.add_argument("--skip-server", action="store_true", help="skip the Chroma server measurements")
     p.add_argument("--bm25-scales", default="1,10,100", metavar="N,N,...",
                    help="corpus copies for the BM25 rebuild cost on a server store")
@@ -346,6 +414,7 @@ class Measured:
     served: list[dict] | None
     served_profile: Profile | None
     server: dict | None  # the Chroma server store
+    cost: dict | None = None  # what a night costs through the answer cache
 
 
 def measure(base: Profile, args: argparse.Namespace, served_profile: Profile | None, batch_sizes: list[int],
@@ -409,6 +478,9 @@ def measure(base: Profile, args: argparse.Namespace, served_profile: Profile | N
                                                      batch_sizes or [max(2, profile.llm.batch_size)])
         served = None if served_profile is None else served_speed(served_profile, gen["users"], args.max_new_tokens,
                                                                    concurrencies, gen["answers"])
+        cost = None if args.skip_eval or args.skip_cost else nightly_cost(profile, embedder, copy,
+                                                                           args.cost_questions, work,
+                                                                           args.cost_limit)
         rows.append(("seed way (SimpleDirectoryReader + from_documents)", seed["seconds"], seed["chunks"],
                      f"{seed['chunks']} chunks of {seed['chunk_size']} tokens, {seed['truncated']} truncated "
                      f"(longest {seed['max_tokens']} > window {embedder.window})"))
@@ -420,7 +492,7 @@ def measure(base: Profile, args: argparse.Namespace, served_profile: Profile | N
     return Measured(stamp=datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"), profile=profile, embedder=embedder,
                     corpus=corpus, files=files, rows=rows, full=full, same=same, ours=ours, n=n,
                     tokenize_s=tokenize_s, half=half, seed=seed, equal=equal, gen=gen, served=served,
-                    served_profile=served_profile, server=server)
+                    served_profile=served_profile, server=server, cost=cost)
 
 
 
@@ -502,6 +574,7 @@ def render(m: Measured, max_new_tokens: int) -> str:
         f"{m.tokenize_s:.2f} s, {m.tokenize_s / max(full.embed_seconds, 1e-9):.1%} of the embedding time.",
         "",
         *eval_lines,
+        *cost_lines(m.cost),
         *server_lines(m.server),
         f"## Retrieval (file-level, {m.n} questions with expected sources)",
         retrieval.to_markdown(index=False, disable_numparse=True),
